@@ -1,0 +1,39 @@
+//! Generates Rust code for Tessera's protobuf API with a pure-Rust proto compiler (protox),
+//! so building needs no system `protoc`. The same descriptor set is embedded for gRPC server
+//! reflection.
+
+use std::{env, path::PathBuf};
+
+const PROTOS: &[&str] = &[
+    "proto/tessera/v1/tessera.proto",
+    "proto/tessera/vault/v1/vault.proto",
+    "proto/google/rpc/status.proto",
+];
+
+/// Messages that carry card data: they wipe their memory when dropped and never print it.
+const SECRET_MESSAGES: &[&str] = &[".tessera.v1.Card", ".tessera.vault.v1.Card"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let descriptors = protox::compile(PROTOS, ["proto"])?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    let descriptor_path = out_dir.join("tessera_descriptor.bin");
+    std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&descriptors))?;
+
+    let mut builder = tonic_prost_build::configure()
+        .build_transport(false)
+        .file_descriptor_set_path(&descriptor_path)
+        .skip_protoc_run()
+        // Their `Debug` is written by hand in proto/redacted_debug.rs and prints no card data.
+        .skip_debug(SECRET_MESSAGES.iter().copied());
+    for message in SECRET_MESSAGES {
+        builder = builder.type_attribute(
+            message,
+            "#[derive(::zeroize::Zeroize, ::zeroize::ZeroizeOnDrop)]",
+        );
+    }
+    builder.compile_fds(descriptors)?;
+    Ok(())
+}
