@@ -1,0 +1,17 @@
+//! Tessera's vault: the only process that holds keys and sees card data in clear.
+//!
+//! Layout, smallest and most reviewed first:
+//! - [`card`]: parsing and validating card numbers into zeroizing types; brand and card facts.
+//! - [`keys`]: the master key, wrapped merchant keys and the bounded key cache.
+//! - [`record`]: AES-256-GCM record sealing bound to merchant, token and key version.
+//! - [`token`]: opaque and format-preserving token generation.
+//! - [`master_key`]: where the master key comes from (development file today).
+//! - [`hardening`]: no core dumps, no ptrace, locked memory.
+//! - [`service`]: the vault operations over batches, with caller authorisation.
+//! - [`grpc`]: a small gRPC-over-HTTP/2 server on mutual TLS that dispatches to [`service`].
+#![forbid(unsafe_code)]
+
+pub mod card;
+pub mod keys;
+pub mod record;
+pub mod token;
