@@ -1,0 +1,15 @@
+//! Tessera's gateway: the public gRPC API. It authenticates callers by client certificate,
+//! applies their policy, validates requests, owns all storage, and asks the vault for every
+//! operation that touches card data. It holds no usable key and does not link the vault crate.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod keyring;
+pub mod policy;
+pub mod server;
+pub mod store;
+pub mod validate;
+pub mod vault_client;

@@ -1,0 +1,236 @@
+//! Request validation at the public edge. It runs before any key is created or any row is
+//! written, so bad input changes nothing. The vault validates card data again on its side of
+//! the trust boundary; this copy exists so a refusal costs no vault round trip.
+
+use crate::error::ApiError;
+
+const MAX_ID_LEN: usize = 64;
+const MAX_SHOPPER_REFERENCE_LEN: usize = 128;
+const MAX_HOLDER_NAME_CHARS: usize = 100;
+
+/// Checks a merchant id: 1 to 64 characters of `A-Z a-z 0-9 _ - .`.
+pub fn merchant_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() {
+        return Err(ApiError::missing("merchant_id"));
+    }
+    if id.len() > MAX_ID_LEN
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    {
+        return Err(ApiError::invalid(
+            "merchant_id",
+            "INVALID_MERCHANT_ID",
+            "merchant_id must be 1 to 64 characters of letters, digits, '_', '-' or '.'",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a token's syntax; whether it exists is the store's business.
+pub fn token(token: &str) -> Result<(), ApiError> {
+    if token.is_empty() {
+        return Err(ApiError::missing("token"));
+    }
+    if token.len() > MAX_ID_LEN || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(ApiError::invalid(
+            "token",
+            "INVALID_TOKEN",
+            "token is not a Tessera token",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks card data without keeping or echoing it.
+pub fn card(card: &tessera_api::v1::Card, today: (u32, u32)) -> Result<(), ApiError> {
+    card_number(&card.number)?;
+    expiry(card.expiry_month, card.expiry_year, today)?;
+    holder_name(&card.holder_name)
+}
+
+fn invalid_number(message: &'static str) -> ApiError {
+    ApiError::invalid("card.number", "INVALID_CARD_NUMBER", message)
+}
+
+/// Digits only (spaces and dashes ignored), 12 to 19 of them, passing the Luhn check.
+pub fn card_number(number: &str) -> Result<(), ApiError> {
+    if number.is_empty() {
+        return Err(ApiError::missing("card.number"));
+    }
+    if number.len() > 64 {
+        return Err(invalid_number("card number must be 12 to 19 digits"));
+    }
+    let mut digits = 0usize;
+    let mut sum = 0u32;
+    // Walk from the right so every second digit from the check digit is doubled.
+    for byte in number.bytes().rev() {
+        match byte {
+            b' ' | b'-' => continue,
+            b'0'..=b'9' => {
+                let mut value = u32::from(byte - b'0');
+                if digits % 2 == 1 {
+                    value *= 2;
+                    if value > 9 {
+                        value -= 9;
+                    }
+                }
+                sum += value;
+                digits += 1;
+            }
+            _ => {
+                return Err(invalid_number(
+                    "card number must contain only digits, spaces or dashes",
+                ))
+            }
+        }
+    }
+    if !(12..=19).contains(&digits) {
+        return Err(invalid_number("card number must be 12 to 19 digits"));
+    }
+    if sum % 10 != 0 {
+        return Err(invalid_number("card number fails the Luhn check"));
+    }
+    Ok(())
+}
+
+/// A card is valid through the end of its expiry month, and not more than 20 years ahead.
+pub fn expiry(month: u32, year: u32, (this_year, this_month): (u32, u32)) -> Result<(), ApiError> {
+    if month == 0 && year == 0 {
+        return Err(ApiError::missing("card.expiry_month"));
+    }
+    if !(1..=12).contains(&month) {
+        return Err(ApiError::invalid(
+            "card.expiry_month",
+            "INVALID_EXPIRY",
+            "expiry_month must be 1 to 12",
+        ));
+    }
+    if !(2000..=2099).contains(&year) || year > this_year + 20 {
+        return Err(ApiError::invalid(
+            "card.expiry_year",
+            "INVALID_EXPIRY",
+            "expiry_year must be a four-digit year at most 20 years ahead",
+        ));
+    }
+    if (year, month) < (this_year, this_month) {
+        return Err(ApiError::invalid(
+            "card.expiry_year",
+            "CARD_EXPIRED",
+            "the card has expired",
+        ));
+    }
+    Ok(())
+}
+
+fn holder_name(name: &str) -> Result<(), ApiError> {
+    if name.chars().count() > MAX_HOLDER_NAME_CHARS || name.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "card.holder_name",
+            "INVALID_HOLDER_NAME",
+            "holder_name must be at most 100 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+/// A shopper reference identifies a shopper to the merchant without being personal data.
+pub fn shopper_reference(reference: &str) -> Result<(), ApiError> {
+    if reference.is_empty() {
+        return Ok(());
+    }
+    let invalid =
+        |message: &'static str| ApiError::invalid("shopper_reference", "INVALID_SHOPPER_REFERENCE", message);
+    if reference.chars().count() < 3 || reference.len() > MAX_SHOPPER_REFERENCE_LEN {
+        return Err(invalid("shopper_reference must be 3 to 128 characters"));
+    }
+    if reference.chars().any(char::is_control) {
+        return Err(invalid("shopper_reference must be printable"));
+    }
+    if reference.contains('@') {
+        return Err(invalid("shopper_reference must not be an e-mail address"));
+    }
+    let digits = reference.bytes().filter(u8::is_ascii_digit).count();
+    let phone_like = reference
+        .bytes()
+        .all(|b| b.is_ascii_digit() || b" +-().".contains(&b));
+    if digits >= 12
+        && reference
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b' ' || b == b'-')
+    {
+        return Err(invalid("shopper_reference must not be a card number"));
+    }
+    if phone_like && digits >= 7 {
+        return Err(invalid("shopper_reference must not be a phone number"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TODAY: (u32, u32) = (2026, 11);
+
+    fn reason<T>(result: Result<T, ApiError>) -> String {
+        result.err().map_or("OK".to_owned(), |e| e.reason.into_owned())
+    }
+
+    #[test]
+    fn card_numbers() {
+        assert_eq!(reason(card_number("4111 1111-1111 1111")), "OK");
+        assert_eq!(reason(card_number("378282246310005")), "OK");
+        assert_eq!(reason(card_number("4111111111111112")), "INVALID_CARD_NUMBER");
+        assert_eq!(reason(card_number("4111x11111111111")), "INVALID_CARD_NUMBER");
+        assert_eq!(reason(card_number("42")), "INVALID_CARD_NUMBER");
+        assert_eq!(reason(card_number("41111111111111111111")), "INVALID_CARD_NUMBER");
+        assert_eq!(reason(card_number("")), "MISSING_FIELD");
+    }
+
+    #[test]
+    fn refusals_never_echo_the_number() {
+        for bad in ["4111111111111112", "4111x11111111111", "411111111111111111111111"] {
+            let err = card_number(bad).err().map(|e| e.message).unwrap_or_default();
+            assert!(!err.contains("4111"), "{err}");
+        }
+    }
+
+    #[test]
+    fn expiries() {
+        assert_eq!(reason(expiry(11, 2026, TODAY)), "OK");
+        assert_eq!(reason(expiry(10, 2026, TODAY)), "CARD_EXPIRED");
+        assert_eq!(reason(expiry(13, 2027, TODAY)), "INVALID_EXPIRY");
+        assert_eq!(reason(expiry(1, 2047, TODAY)), "INVALID_EXPIRY");
+        assert_eq!(reason(expiry(1, 27, TODAY)), "INVALID_EXPIRY");
+        assert_eq!(reason(expiry(0, 0, TODAY)), "MISSING_FIELD");
+    }
+
+    #[test]
+    fn shopper_references() {
+        assert_eq!(reason(shopper_reference("")), "OK");
+        assert_eq!(reason(shopper_reference("shopper-42")), "OK");
+        assert_eq!(reason(shopper_reference("ab")), "INVALID_SHOPPER_REFERENCE");
+        assert_eq!(
+            reason(shopper_reference("ada@example.com")),
+            "INVALID_SHOPPER_REFERENCE"
+        );
+        assert_eq!(
+            reason(shopper_reference("+44 20 7946 0958")),
+            "INVALID_SHOPPER_REFERENCE"
+        );
+        assert_eq!(
+            reason(shopper_reference("4111111111111111")),
+            "INVALID_SHOPPER_REFERENCE"
+        );
+    }
+
+    #[test]
+    fn ids() {
+        assert_eq!(reason(merchant_id("m_demo")), "OK");
+        assert_eq!(reason(merchant_id("")), "MISSING_FIELD");
+        assert_eq!(reason(merchant_id("m demo")), "INVALID_MERCHANT_ID");
+        assert_eq!(reason(token("tok_abc234")), "OK");
+        assert_eq!(reason(token("tok-abc")), "INVALID_TOKEN");
+    }
+}
