@@ -7,11 +7,18 @@
 //! - [`token`]: opaque and format-preserving token generation.
 //! - [`master_key`]: where the master key comes from (development file today).
 //! - [`hardening`]: no core dumps, no ptrace, locked memory.
+//! - [`config`], [`tls`]: the configuration file and the mutual-TLS listener setup.
 //! - [`service`]: the vault operations over batches, with caller authorisation.
 //! - [`grpc`]: a small gRPC-over-HTTP/2 server on mutual TLS that dispatches to [`service`].
 #![forbid(unsafe_code)]
 
 pub mod card;
+pub mod config;
+pub mod grpc;
+pub mod hardening;
 pub mod keys;
+pub mod master_key;
 pub mod record;
+pub mod service;
+pub mod tls;
 pub mod token;

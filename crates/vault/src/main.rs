@@ -1,1 +1,94 @@
-fn main() {}
+//! `tessera-vault --config vault.toml`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tessera_vault::config::{MasterKeyConfig, Mode, VaultConfig};
+use tessera_vault::hardening::{harden_process, is_debug_build};
+use tessera_vault::master_key::{DevelopmentKeyFile, MasterKeySource};
+use tessera_vault::service::{Vault, VaultFacts};
+use tessera_vault::{grpc, tls};
+
+/// Tessera's vault: the only process that holds keys.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Path of the vault's TOML configuration.
+    #[arg(long, env = "TESSERA_VAULT_CONFIG")]
+    config: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    // Harden before anything secret is in memory.
+    let hardening = harden_process();
+    match run(Args::parse(), hardening).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err}");
+            eprintln!("tessera-vault: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -> Result<(), String> {
+    let config = VaultConfig::load(&args.config).map_err(|err| err.to_string())?;
+    if config.mode == Mode::Production && is_debug_build() {
+        return Err("refusing to run a debug build in production mode; build with --release".into());
+    }
+    let source: Box<dyn MasterKeySource> = match &config.master_key {
+        MasterKeyConfig::DevelopmentFile {
+            path,
+            create_if_missing,
+        } => {
+            if config.mode == Mode::Production {
+                return Err("the development key file is not allowed in production mode".into());
+            }
+            Box::new(DevelopmentKeyFile {
+                path: path.clone(),
+                create_if_missing: *create_if_missing,
+            })
+        }
+    };
+    let tls = tls::server_config(&config.tls)?;
+    let master = source
+        .load(&ring::rand::SystemRandom::new())
+        .map_err(|err| err.to_string())?;
+    tracing::info!(key_check_value = %master.key_check_value(), source = source.describe(), "master key loaded");
+    let facts = VaultFacts {
+        mode: config.mode,
+        master_key_source: source.describe(),
+        hardening,
+    };
+    let vault =
+        Arc::new(Vault::new(master, config.key_cache_capacity, facts).map_err(|err| err.to_string())?);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|err| format!("cannot listen on {}: {err}", config.listen))?;
+    tracing::info!(addr = %config.listen, mode = config.mode.as_str(), "vault listening (mutual TLS)");
+    grpc::serve(vault, config.roles(), tls, listener, shutdown_signal()).await;
+    tracing::info!("vault stopped");
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    } else {
+        let _ = ctrl_c.await;
+    }
+}

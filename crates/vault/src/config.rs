@@ -1,0 +1,196 @@
+//! The vault's configuration file (TOML), read in one place.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything the vault needs to start. There is deliberately no way to turn TLS or client
+/// authentication off: a configuration without them does not parse.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// Address of the mutual-TLS listener.
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub mode: Mode,
+    pub tls: ServerTls,
+    /// The only identities served; every other certificate is refused.
+    pub clients: Vec<ClientGrant>,
+    pub master_key: MasterKeyConfig,
+    /// How many unwrapped merchant keys stay cached (each holds 32 secret bytes).
+    #[serde(default = "default_key_cache_capacity")]
+    pub key_cache_capacity: usize,
+}
+
+fn default_key_cache_capacity() -> usize {
+    10_000
+}
+
+/// Development allows the development key file; production refuses it and debug builds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Development,
+    Production,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Development => "development",
+            Self::Production => "production",
+        }
+    }
+}
+
+/// The listener's certificate and the CA every client certificate must chain to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+/// What an allowed identity may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The gateway: create keys, protect and reveal card data.
+    Gateway,
+    /// An operator: status (and, later, unseal).
+    Operator,
+}
+
+/// One allowed client identity (the URI SAN of its certificate) and its role.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientGrant {
+    pub identity: String,
+    pub role: Role,
+}
+
+/// Where the master key comes from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "source", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum MasterKeyConfig {
+    /// A key file for development only; created on first start when allowed.
+    DevelopmentFile {
+        path: PathBuf,
+        #[serde(default)]
+        create_if_missing: bool,
+    },
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    Read { path: PathBuf, cause: std::io::Error },
+    /// The text is not a valid configuration.
+    Parse(String),
+    /// A value is present but unusable.
+    Invalid(String),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Read { path, cause } => write!(f, "cannot read {}: {cause}", path.display()),
+            Self::Parse(why) => write!(f, "invalid vault configuration: {why}"),
+            Self::Invalid(why) => write!(f, "invalid vault configuration: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl VaultConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+            path: path.to_owned(),
+            cause,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and checks configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|err| ConfigError::Parse(err.to_string()))?;
+        if config.clients.is_empty() {
+            return Err(ConfigError::Invalid(
+                "[[clients]] must allow at least one identity".into(),
+            ));
+        }
+        if config.key_cache_capacity == 0 {
+            return Err(ConfigError::Invalid("key_cache_capacity must be positive".into()));
+        }
+        Ok(config)
+    }
+
+    /// The allow-list by identity.
+    pub fn roles(&self) -> HashMap<String, Role> {
+        self.clients
+            .iter()
+            .map(|grant| (grant.identity.clone(), grant.role))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+        listen = "127.0.0.1:7443"
+        mode = "development"
+        [tls]
+        cert = "certs/vault.pem"
+        key = "certs/vault-key.pem"
+        client_ca = "certs/ca.pem"
+        [[clients]]
+        identity = "spiffe://tessera/gateway"
+        role = "gateway"
+        [master_key]
+        source = "development-file"
+        path = ".tessera/dev-master-key"
+        create_if_missing = true
+    "#;
+
+    #[test]
+    fn example_parses() {
+        let config = VaultConfig::parse(EXAMPLE).map_err(|e| e.to_string());
+        assert!(config.is_ok(), "{config:?}");
+    }
+
+    #[test]
+    fn tls_is_not_optional() {
+        let without_tls = EXAMPLE
+            .lines()
+            .filter(|line| !line.contains("[tls]") && !line.contains("certs/"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(matches!(
+            VaultConfig::parse(&without_tls),
+            Err(ConfigError::Parse(_))
+        ));
+        let without_ca = EXAMPLE.replace("client_ca = \"certs/ca.pem\"", "");
+        assert!(matches!(
+            VaultConfig::parse(&without_ca),
+            Err(ConfigError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn clients_are_required() {
+        let text = EXAMPLE
+            .replace("[[clients]]", "")
+            .replace("identity = \"spiffe://tessera/gateway\"", "");
+        assert!(VaultConfig::parse(&text.replace("role = \"gateway\"", "")).is_err());
+    }
+}
