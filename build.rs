@@ -29,10 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Their `Debug` is written by hand in proto/redacted_debug.rs and prints no card data.
         .skip_debug(SECRET_MESSAGES.iter().copied());
     for message in SECRET_MESSAGES {
-        builder = builder.type_attribute(
-            message,
-            "#[derive(::zeroize::Zeroize, ::zeroize::ZeroizeOnDrop)]",
-        );
+        builder = builder.type_attribute(message, "#[derive(::zeroize::Zeroize, ::zeroize::ZeroizeOnDrop)]");
     }
     builder.compile_fds(descriptors)?;
     Ok(())

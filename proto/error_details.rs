@@ -53,7 +53,10 @@ mod tests {
         let info = decode_error_info(&bytes).unwrap();
         assert_eq!(info.reason, "INVALID_CARD_NUMBER");
         assert_eq!(info.domain, ERROR_DOMAIN);
-        assert_eq!(info.metadata.get("field").map(String::as_str), Some("card.number"));
+        assert_eq!(
+            info.metadata.get("field").map(String::as_str),
+            Some("card.number")
+        );
     }
 
     #[test]

@@ -31,9 +31,14 @@ impl std::error::Error for PemError {}
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|err| PemError::Read { path: path.to_owned(), cause: err.to_string() })?;
+        .map_err(|err| PemError::Read {
+            path: path.to_owned(),
+            cause: err.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(PemError::NoCertificate { path: path.to_owned() });
+        return Err(PemError::NoCertificate {
+            path: path.to_owned(),
+        });
     }
     Ok(certs)
 }

@@ -25,8 +25,15 @@ mod tests {
             expiry_year: 2031,
             holder_name: "Ada Lovelace".into(),
         };
-        let request = crate::v1::TokenizeRequest { card: Some(card.clone()), ..Default::default() };
-        for printed in [format!("{card:?}"), format!("{request:?}"), format!("{request:#?}")] {
+        let request = crate::v1::TokenizeRequest {
+            card: Some(card.clone()),
+            ..Default::default()
+        };
+        for printed in [
+            format!("{card:?}"),
+            format!("{request:?}"),
+            format!("{request:#?}"),
+        ] {
             assert!(!printed.contains("4111"), "{printed}");
             assert!(!printed.contains("Ada"), "{printed}");
         }
