@@ -1,1 +1,156 @@
-fn main() {}
+//! `tessera`: the operator and developer tool. `main` only parses arguments and hands over to
+//! the module that does the work.
+#![forbid(unsafe_code)]
+
+mod pki;
+mod stack;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::pki::InitOutcome;
+
+const DEV_ONLY_WARNING: &str = "WARNING: development only -- see certs/README.md for production certificates";
+
+#[derive(Debug, Parser)]
+#[command(name = "tessera", version, about = "Tessera operator and developer tool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Development certificates for mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Start the local development stack (vault and gateway) and wait for Ctrl-C.
+    Up {
+        /// Directory for the generated configuration, the development master key and the database.
+        #[arg(long, default_value = ".tessera")]
+        state_dir: PathBuf,
+        /// Directory of the development PKI; created with `certs init` if it has no CA yet.
+        #[arg(long, default_value = "certs")]
+        certs_dir: PathBuf,
+        /// Address the gateway's public gRPC API listens on.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        gateway_addr: SocketAddr,
+        /// Address the vault listens on.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        vault_addr: SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create a development CA and the vault, gateway and client certificates.
+    Init {
+        /// Where to write the certificates and keys.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Replace an existing PKI (every certificate issued from the old CA stops working).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue one more client certificate from the CA in DIR.
+    Client {
+        /// Directory holding ca.pem and ca-key.pem.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// File stem: writes NAME.pem and NAME-key.pem.
+        #[arg(long)]
+        name: String,
+        /// The URI SAN policy is keyed by, e.g. spiffe://tessera/checkout.
+        #[arg(long)]
+        identity: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Certs {
+            command: CertsCommand::Init { dir, force },
+        } => certs_init(&dir, force),
+        Command::Certs {
+            command: CertsCommand::Client { dir, name, identity },
+        } => certs_client(&dir, &name, &identity),
+        Command::Up {
+            state_dir,
+            certs_dir,
+            gateway_addr,
+            vault_addr,
+        } => {
+            let options = stack::UpOptions {
+                state_dir,
+                certs_dir,
+                gateway_addr,
+                vault_addr,
+            };
+            run_up(&options)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn certs_init(dir: &Path, force: bool) -> Result<(), Box<dyn std::error::Error>> {
+    match pki::init(dir, force)? {
+        InitOutcome::Created(files) => {
+            println!("Created a development PKI in {}:", dir.display());
+            for file in files {
+                println!("  {}", file.display());
+            }
+        }
+        InitOutcome::AlreadyPresent { missing } => {
+            println!(
+                "{} already exists; nothing changed (use --force to replace the PKI)",
+                dir.join(pki::CA_CERT).display()
+            );
+            if !missing.is_empty() {
+                let names: Vec<String> = missing.iter().map(|path| path.display().to_string()).collect();
+                eprintln!("note: missing {}; --force recreates every file", names.join(", "));
+            }
+        }
+    }
+    println!("{DEV_ONLY_WARNING}");
+    Ok(())
+}
+
+fn certs_client(dir: &Path, name: &str, identity: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let files = pki::issue_client(dir, name, identity)?;
+    println!("Issued a client certificate for {identity}:");
+    for file in files {
+        println!("  {}", file.display());
+    }
+    println!("{DEV_ONLY_WARNING}");
+    Ok(())
+}
+
+fn run_up(options: &stack::UpOptions) -> Result<(), Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(stack::up(options))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn arguments_are_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,863 @@
+//! `tessera up`: the whole local development stack from a fresh clone in one command.
+//!
+//! It ensures the development PKI, writes the vault and gateway configuration into the state
+//! directory, starts `tessera-vault` and then `tessera-gateway` as child processes, waits for
+//! both to listen, prints how to call the gateway with grpcurl, and on Ctrl-C or SIGTERM stops
+//! them in the reverse order.
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use rustix::process::{kill_process, Pid, Signal};
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::{sleep, timeout, Instant};
+
+use crate::pki::{self, InitOutcome, PkiError};
+
+/// How long a child may take to start listening.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often readiness is checked while waiting.
+const READY_POLL: Duration = Duration::from_millis(100);
+/// How long a child may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+const VAULT_BINARY: &str = "tessera-vault";
+const GATEWAY_BINARY: &str = "tessera-gateway";
+
+/// Server name the gateway verifies the vault's certificate against (a DNS SAN of vault.pem).
+const VAULT_SERVER_NAME: &str = "tessera-vault";
+/// Server name grpcurl callers verify the gateway's certificate against.
+const GATEWAY_SERVER_NAME: &str = "tessera-gateway";
+
+/// Where the local stack lives. Paths are absolute so the generated configuration works no
+/// matter which directory the children are started from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StackLayout {
+    /// Holds vault.toml, gateway.toml, the development master key and the SQLite database.
+    pub state_dir: PathBuf,
+    /// The development PKI (`tessera certs init`).
+    pub certs_dir: PathBuf,
+    pub gateway_addr: SocketAddr,
+    pub vault_addr: SocketAddr,
+}
+
+impl StackLayout {
+    pub fn vault_config_path(&self) -> PathBuf {
+        self.state_dir.join("vault.toml")
+    }
+
+    pub fn gateway_config_path(&self) -> PathBuf {
+        self.state_dir.join("gateway.toml")
+    }
+
+    pub fn master_key_path(&self) -> PathBuf {
+        self.state_dir.join("dev-master-key")
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.state_dir.join("tessera.db")
+    }
+}
+
+/// The two configuration files, as TOML text.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RenderedConfigs {
+    pub vault: String,
+    pub gateway: String,
+}
+
+#[derive(Serialize)]
+struct VaultConfig {
+    listen: String,
+    mode: &'static str,
+    tls: ServerTls,
+    clients: Vec<VaultClient>,
+    master_key: MasterKey,
+}
+
+#[derive(Serialize)]
+struct ServerTls {
+    cert: String,
+    key: String,
+    client_ca: String,
+}
+
+#[derive(Serialize)]
+struct VaultClient {
+    identity: &'static str,
+    role: &'static str,
+}
+
+#[derive(Serialize)]
+struct MasterKey {
+    source: &'static str,
+    path: String,
+    create_if_missing: bool,
+}
+
+#[derive(Serialize)]
+struct GatewayConfig {
+    listen: String,
+    database: String,
+    tls: ServerTls,
+    vault: VaultEndpoint,
+    callers: Vec<Caller>,
+}
+
+#[derive(Serialize)]
+struct VaultEndpoint {
+    endpoints: Vec<String>,
+    server_name: &'static str,
+    ca: String,
+    client_cert: String,
+    client_key: String,
+}
+
+#[derive(Serialize)]
+struct Caller {
+    identity: &'static str,
+    merchants: Vec<&'static str>,
+    operations: Vec<&'static str>,
+}
+
+/// Renders vault.toml and gateway.toml for `layout`.
+///
+/// Serialised with `toml` rather than formatted by hand so that a path containing quotes or
+/// backslashes is escaped correctly. Fails only for paths that are not UTF-8 (TOML strings are).
+pub fn render_configs(layout: &StackLayout) -> Result<RenderedConfigs, StackError> {
+    let certs = |file: &str| utf8(&layout.certs_dir.join(file));
+    let vault = VaultConfig {
+        listen: layout.vault_addr.to_string(),
+        mode: "development",
+        tls: ServerTls {
+            cert: certs(&pki::cert_file("vault"))?,
+            key: certs(&pki::key_file("vault"))?,
+            client_ca: certs(pki::CA_CERT)?,
+        },
+        clients: vec![
+            VaultClient {
+                identity: "spiffe://tessera/gateway",
+                role: "gateway",
+            },
+            VaultClient {
+                identity: "spiffe://tessera/operator",
+                role: "operator",
+            },
+        ],
+        master_key: MasterKey {
+            source: "development-file",
+            path: utf8(&layout.master_key_path())?,
+            // The vault, not this tool, creates the development key: key material is only
+            // ever generated inside the process that holds it.
+            create_if_missing: true,
+        },
+    };
+    let gateway = GatewayConfig {
+        listen: layout.gateway_addr.to_string(),
+        database: utf8(&layout.database_path())?,
+        tls: ServerTls {
+            cert: certs(&pki::cert_file("gateway"))?,
+            key: certs(&pki::key_file("gateway"))?,
+            client_ca: certs(pki::CA_CERT)?,
+        },
+        vault: VaultEndpoint {
+            endpoints: vec![format!("https://{}", layout.vault_addr)],
+            server_name: VAULT_SERVER_NAME,
+            ca: certs(pki::CA_CERT)?,
+            client_cert: certs(&pki::cert_file("gateway-client"))?,
+            client_key: certs(&pki::key_file("gateway-client"))?,
+        },
+        callers: vec![Caller {
+            identity: "spiffe://tessera/dev-client",
+            merchants: vec!["*"],
+            operations: vec!["tokenize", "read_metadata", "detokenize", "delete"],
+        }],
+    };
+    Ok(RenderedConfigs {
+        vault: toml::to_string(&vault).map_err(StackError::Render)?,
+        gateway: toml::to_string(&gateway).map_err(StackError::Render)?,
+    })
+}
+
+fn utf8(path: &Path) -> Result<String, StackError> {
+    path.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| StackError::NonUtf8Path(path.to_owned()))
+}
+
+/// Why `tessera up` failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StackError {
+    /// Creating the development PKI failed.
+    Pki(PkiError),
+    /// The certificate directory has a CA but lacks other files.
+    IncompletePki { dir: PathBuf, missing: Vec<PathBuf> },
+    /// A file, directory or process operation failed.
+    Io { what: String, source: io::Error },
+    /// A path that TOML cannot hold.
+    NonUtf8Path(PathBuf),
+    /// Serialising a configuration failed.
+    Render(toml::ser::Error),
+    /// A server binary was not found next to `tessera`.
+    MissingBinary(PathBuf),
+    /// `cargo build` of the server binaries failed.
+    Build(ExitStatus),
+    /// Something already accepts connections on an address the stack needs.
+    AddressInUse { name: &'static str, addr: SocketAddr },
+    /// A child exited before it started listening.
+    ExitedEarly { name: &'static str, status: ExitStatus },
+    /// A child did not start listening in time.
+    NotReady { name: &'static str, addr: SocketAddr },
+    /// A child exited while the stack was running.
+    ChildExited { name: &'static str, status: ExitStatus },
+}
+
+impl fmt::Display for StackError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Pki(err) => write!(f, "development PKI: {err}"),
+            Self::IncompletePki { dir, missing } => {
+                let names: Vec<String> = missing.iter().map(|path| path.display().to_string()).collect();
+                write!(
+                    f,
+                    "{} has a CA but is missing {}; run `tessera certs init --dir {} --force` to recreate it",
+                    dir.display(),
+                    names.join(", "),
+                    dir.display()
+                )
+            }
+            Self::Io { what, source } => write!(f, "{what}: {source}"),
+            Self::NonUtf8Path(path) => write!(f, "path {} is not UTF-8", path.display()),
+            Self::Render(err) => write!(f, "cannot render configuration: {err}"),
+            Self::MissingBinary(path) => write!(
+                f,
+                "{} not found; build the servers first: cargo build -p tessera-vault -p tessera-gateway \
+                 (or start this command with `cargo run -p tessera-cli -- up`, which builds them)",
+                path.display()
+            ),
+            Self::Build(status) => write!(f, "building the servers failed ({status})"),
+            Self::AddressInUse { name, addr } => write!(
+                f,
+                "{addr} (for {name}) already accepts connections: is another stack running? \
+                 Stop it or choose another address"
+            ),
+            Self::ExitedEarly { name, status } => {
+                write!(
+                    f,
+                    "{name} exited before it started listening ({status}); see its log above"
+                )
+            }
+            Self::NotReady { name, addr } => write!(
+                f,
+                "{name} did not accept connections on {addr} within {} s",
+                READY_TIMEOUT.as_secs()
+            ),
+            Self::ChildExited { name, status } => write!(f, "{name} exited unexpectedly ({status})"),
+        }
+    }
+}
+
+impl std::error::Error for StackError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Pki(err) => Some(err),
+            Self::Io { source, .. } => Some(source),
+            Self::Render(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> StackError {
+    let what = what.into();
+    move |source| StackError::Io { what, source }
+}
+
+/// Options of `tessera up`, as the user gave them (paths may be relative).
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    pub state_dir: PathBuf,
+    pub certs_dir: PathBuf,
+    pub gateway_addr: SocketAddr,
+    pub vault_addr: SocketAddr,
+}
+
+/// Runs the local stack until Ctrl-C, SIGTERM or SIGHUP (`Ok`) or until a child exits (`Err`).
+pub async fn up(options: &UpOptions) -> Result<(), StackError> {
+    // Signal handlers go in first: from here on, Ctrl-C during start-up still stops the
+    // children instead of killing this process and leaving them orphaned.
+    let mut shutdown = ShutdownSignals::new()?;
+
+    ensure_pki(&options.certs_dir)?;
+    let layout = StackLayout {
+        state_dir: absolute(&options.state_dir)?,
+        certs_dir: absolute(&options.certs_dir)?,
+        gateway_addr: options.gateway_addr,
+        vault_addr: options.vault_addr,
+    };
+    write_configs(&layout)?;
+    let binaries = locate_binaries().await?;
+
+    let mut children = Children::default();
+    let started = tokio::select! {
+        result = children.start(&binaries, &layout) => result.map(|()| true),
+        signal = shutdown.recv() => {
+            println!("\n{signal} during start-up; stopping");
+            Ok(false)
+        }
+    };
+    if !matches!(started, Ok(true)) {
+        children.stop().await;
+        return started.map(|_| ());
+    }
+
+    print_banner(options, &layout);
+
+    let outcome = tokio::select! {
+        signal = shutdown.recv() => {
+            println!("\n{signal}; stopping the stack");
+            Ok(())
+        }
+        (name, status) = children.wait_any() => match status {
+            Ok(status) => Err(StackError::ChildExited { name, status }),
+            Err(source) => Err(StackError::Io { what: format!("waiting for {name}"), source }),
+        },
+    };
+    children.stop().await;
+    outcome
+}
+
+/// Creates the development PKI unless it exists; refuses a partial one.
+fn ensure_pki(certs_dir: &Path) -> Result<(), StackError> {
+    match pki::init(certs_dir, false).map_err(StackError::Pki)? {
+        InitOutcome::Created(files) => {
+            println!("Created a development PKI in {}:", certs_dir.display());
+            for file in files {
+                println!("  {}", file.display());
+            }
+            Ok(())
+        }
+        InitOutcome::AlreadyPresent { missing } if missing.is_empty() => {
+            println!("Using the existing PKI in {}", certs_dir.display());
+            Ok(())
+        }
+        InitOutcome::AlreadyPresent { missing } => Err(StackError::IncompletePki {
+            dir: certs_dir.to_owned(),
+            missing,
+        }),
+    }
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, StackError> {
+    std::path::absolute(path).map_err(io_error(format!("cannot resolve {}", path.display())))
+}
+
+/// Writes both configuration files, replacing earlier ones: they are generated from the
+/// command line every time, so edits belong in the options, not the files.
+fn write_configs(layout: &StackLayout) -> Result<(), StackError> {
+    // Owner-only: the state directory will hold the development master key and the database.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&layout.state_dir)
+        .map_err(io_error(format!("cannot create {}", layout.state_dir.display())))?;
+    let configs = render_configs(layout)?;
+    for (path, text) in [
+        (layout.vault_config_path(), configs.vault),
+        (layout.gateway_config_path(), configs.gateway),
+    ] {
+        std::fs::write(&path, text).map_err(io_error(format!("cannot write {}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Paths of the two server binaries.
+#[derive(Debug)]
+struct Binaries {
+    vault: PathBuf,
+    gateway: PathBuf,
+}
+
+/// Finds the server binaries next to this executable, building them first when run by cargo
+/// and they are not there yet (a fresh clone running `cargo run -p tessera-cli -- up`).
+async fn locate_binaries() -> Result<Binaries, StackError> {
+    let exe = std::env::current_exe().map_err(io_error("cannot locate the tessera executable"))?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let binaries = Binaries {
+        vault: dir.join(VAULT_BINARY),
+        gateway: dir.join(GATEWAY_BINARY),
+    };
+    let missing = || {
+        [&binaries.vault, &binaries.gateway]
+            .into_iter()
+            .find(|path| !path.is_file())
+            .cloned()
+    };
+    let Some(absent) = missing() else {
+        return Ok(binaries);
+    };
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return Err(StackError::MissingBinary(absent));
+    };
+
+    let mut command = Command::new(&cargo);
+    command.args(["build", "-p", VAULT_BINARY, "-p", GATEWAY_BINARY]);
+    if dir.file_name() == Some(OsStr::new("release")) {
+        command.arg("--release");
+    }
+    remove_cargo_run_env(&mut command);
+    // Build in this workspace even when `up` was started from another directory.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    if workspace.join("Cargo.toml").is_file() {
+        command.current_dir(&workspace);
+    }
+    println!(
+        "{} is not built yet; running cargo build -p {VAULT_BINARY} -p {GATEWAY_BINARY}",
+        absent.display()
+    );
+    let status = command
+        .status()
+        .await
+        .map_err(io_error("cannot run cargo build"))?;
+    if !status.success() {
+        return Err(StackError::Build(status));
+    }
+    match missing() {
+        None => Ok(binaries),
+        Some(absent) => Err(StackError::MissingBinary(absent)),
+    }
+}
+
+/// Removes the variables `cargo run` set for this process (`CARGO_PKG_NAME`,
+/// `CARGO_MANIFEST_DIR`, ...). Build scripts such as ring's declare `rerun-if-env-changed` on
+/// them, so a nested build inheriting them would rebuild those crates, and the developer's next
+/// plain `cargo build` would rebuild them back.
+fn remove_cargo_run_env(command: &mut Command) {
+    const SET_BY_CARGO: [&str; 9] = [
+        "OUT_DIR",
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+    ];
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if SET_BY_CARGO.contains(&key) || key.starts_with("CARGO_PKG_") || key.starts_with("CARGO_BIN_EXE_") {
+            command.env_remove(key);
+        }
+    }
+}
+
+/// The running children. Each is `None` until started and after it has been stopped.
+#[derive(Debug, Default)]
+struct Children {
+    vault: Option<Child>,
+    gateway: Option<Child>,
+}
+
+impl Children {
+    /// Starts the vault, waits for it to listen, then the gateway (which connects to it).
+    async fn start(&mut self, binaries: &Binaries, layout: &StackLayout) -> Result<(), StackError> {
+        // A process already listening would answer the readiness check in the child's place;
+        // both addresses are checked before anything starts.
+        for (name, addr) in [
+            (VAULT_BINARY, layout.vault_addr),
+            (GATEWAY_BINARY, layout.gateway_addr),
+        ] {
+            if accepts_connections(addr).await {
+                return Err(StackError::AddressInUse { name, addr });
+            }
+        }
+        let vault = spawn(&binaries.vault, &layout.vault_config_path())?;
+        let vault = self.vault.insert(vault);
+        wait_until_listening(VAULT_BINARY, vault, layout.vault_addr).await?;
+        let gateway = spawn(&binaries.gateway, &layout.gateway_config_path())?;
+        let gateway = self.gateway.insert(gateway);
+        wait_until_listening(GATEWAY_BINARY, gateway, layout.gateway_addr).await
+    }
+
+    /// Resolves when either child exits.
+    async fn wait_any(&mut self) -> (&'static str, io::Result<ExitStatus>) {
+        async fn wait(child: Option<&mut Child>) -> io::Result<ExitStatus> {
+            match child {
+                Some(child) => child.wait().await,
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            status = wait(self.vault.as_mut()) => (VAULT_BINARY, status),
+            status = wait(self.gateway.as_mut()) => (GATEWAY_BINARY, status),
+        }
+    }
+
+    /// Stops the gateway first, so no request is in flight towards a vault that is gone.
+    async fn stop(&mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            terminate(GATEWAY_BINARY, gateway).await;
+        }
+        if let Some(vault) = self.vault.take() {
+            terminate(VAULT_BINARY, vault).await;
+        }
+    }
+}
+
+fn spawn(binary: &Path, config: &Path) -> Result<Child, StackError> {
+    Command::new(binary)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        // Own process group: a terminal Ctrl-C reaches only this process, which then stops
+        // the gateway before the vault instead of both dying at once in arbitrary order.
+        .process_group(0)
+        // If `up` returns early on an error path, no child outlives it.
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(io_error(format!("cannot start {}", binary.display())))
+}
+
+async fn accepts_connections(addr: SocketAddr) -> bool {
+    matches!(timeout(READY_POLL, TcpStream::connect(addr)).await, Ok(Ok(_)))
+}
+
+async fn wait_until_listening(
+    name: &'static str,
+    child: &mut Child,
+    addr: SocketAddr,
+) -> Result<(), StackError> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(io_error(format!("checking on {name}")))?
+        {
+            return Err(StackError::ExitedEarly { name, status });
+        }
+        if accepts_connections(addr).await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(StackError::NotReady { name, addr });
+        }
+        sleep(READY_POLL).await;
+    }
+}
+
+/// SIGTERM, then up to [`STOP_TIMEOUT`] for a clean exit, then SIGKILL.
+async fn terminate(name: &'static str, mut child: Child) {
+    if let Ok(Some(status)) = child.try_wait() {
+        println!("{name} had already exited ({status})");
+        return;
+    }
+    // The PID cannot have been reused: tokio reaps a child only in `wait`/`try_wait`, and
+    // neither has seen it exit, so the PID still names this child (at worst a zombie).
+    let pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .and_then(Pid::from_raw);
+    if let Some(pid) = pid {
+        if let Err(err) = kill_process(pid, Signal::TERM) {
+            eprintln!("cannot send SIGTERM to {name} ({pid:?}): {err}");
+        }
+    }
+    match timeout(STOP_TIMEOUT, child.wait()).await {
+        Ok(Ok(status)) => println!("{name} stopped ({status})"),
+        Ok(Err(err)) => eprintln!("waiting for {name}: {err}"),
+        Err(_) => {
+            eprintln!(
+                "{name} did not stop within {} s; killing it",
+                STOP_TIMEOUT.as_secs()
+            );
+            if let Err(err) = child.kill().await {
+                eprintln!("cannot kill {name}: {err}");
+            }
+        }
+    }
+}
+
+/// The signals that stop the stack. Registered eagerly (unlike `tokio::signal::ctrl_c`, which
+/// installs its handler on first poll) so none is lost to the default action during start-up.
+struct ShutdownSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn new() -> Result<Self, StackError> {
+        let install = |kind: SignalKind| signal(kind).map_err(io_error("cannot install a signal handler"));
+        Ok(Self {
+            interrupt: install(SignalKind::interrupt())?,
+            terminate: install(SignalKind::terminate())?,
+            hangup: install(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for the next stop signal and names it.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "interrupted (Ctrl-C)",
+            _ = self.terminate.recv() => "SIGTERM received",
+            _ = self.hangup.recv() => "SIGHUP received",
+        }
+    }
+}
+
+/// Quotes `text` for a POSIX shell when it holds anything but plain path characters.
+fn shell_word(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '-' | '_' | ':' | '@' | '+' | '=' | ',')
+        });
+    if plain {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+/// The grpcurl commands printed by `up`, using the certificate paths as the user gave them so
+/// they can be pasted into the same shell.
+pub fn grpcurl_examples(certs_dir: &Path, gateway_addr: SocketAddr) -> Vec<String> {
+    let path = |file: &str| shell_word(&certs_dir.join(file).display().to_string());
+    let base = format!(
+        "grpcurl -cacert {} -cert {} -key {} -authority {GATEWAY_SERVER_NAME} {gateway_addr}",
+        path(pki::CA_CERT),
+        path(&pki::cert_file("dev-client")),
+        path(&pki::key_file("dev-client")),
+    );
+    // The -d flag must come before the address, so data calls are assembled separately.
+    let with_data = |data: &str, method: &str| {
+        format!(
+            "grpcurl -cacert {} -cert {} -key {} -authority {GATEWAY_SERVER_NAME} -d '{data}' {gateway_addr} tessera.v1.Tokenization/{method}",
+            path(pki::CA_CERT),
+            path(&pki::cert_file("dev-client")),
+            path(&pki::key_file("dev-client")),
+        )
+    };
+    let card = r#"{"merchant_id":"m_demo","card":{"number":"4111111111111111","expiry_month":12,"expiry_year":2030,"holder_name":"Ada Lovelace"}}"#;
+    let token = r#"{"merchant_id":"m_demo","token":"<token from above>"}"#;
+    vec![
+        format!("{base} list"),
+        format!("{base} describe tessera.v1.Tokenization"),
+        with_data(card, "Tokenize"),
+        with_data(token, "GetToken"),
+        with_data(token, "Detokenize"),
+    ]
+}
+
+fn print_banner(options: &UpOptions, layout: &StackLayout) {
+    let rule = "=".repeat(88);
+    let master_key = options.state_dir.join("dev-master-key");
+    println!();
+    println!("{rule}");
+    println!("  TESSERA DEVELOPMENT STACK -- NOT FOR REAL CARD DATA");
+    println!();
+    println!("  The vault runs in development mode with a DEVELOPMENT MASTER KEY stored unencrypted");
+    println!(
+        "  in {}. Anyone who can read that file can decrypt every token.",
+        master_key.display()
+    );
+    println!(
+        "  The certificates in {} come from a development CA.",
+        options.certs_dir.display()
+    );
+    println!("  Never put production card data into this stack.");
+    println!("{rule}");
+    println!();
+    println!(
+        "  gateway  {}  (mTLS; server name {GATEWAY_SERVER_NAME})",
+        layout.gateway_addr
+    );
+    println!(
+        "  vault    {}  (mTLS; serves the gateway and operator identities only)",
+        layout.vault_addr
+    );
+    println!(
+        "  config   {}, {}",
+        options.state_dir.join("vault.toml").display(),
+        options.state_dir.join("gateway.toml").display()
+    );
+    println!();
+    println!("Try it (as spiffe://tessera/dev-client, allowed every operation for every merchant):");
+    println!();
+    for command in grpcurl_examples(&options.certs_dir, layout.gateway_addr) {
+        println!("  {command}");
+        println!();
+    }
+    println!("Press Ctrl-C to stop the stack.");
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )]
+
+    use super::*;
+
+    fn layout(root: &str) -> StackLayout {
+        StackLayout {
+            state_dir: PathBuf::from(format!("{root}/.tessera")),
+            certs_dir: PathBuf::from(format!("{root}/certs")),
+            gateway_addr: "127.0.0.1:8443".parse().unwrap(),
+            vault_addr: "127.0.0.1:7443".parse().unwrap(),
+        }
+    }
+
+    fn get<'a>(table: &'a toml::Table, path: &str) -> &'a toml::Value {
+        let mut parts = path.split('.');
+        let mut value = table
+            .get(parts.next().unwrap())
+            .unwrap_or_else(|| panic!("{path}"));
+        for part in parts {
+            value = value.get(part).unwrap_or_else(|| panic!("{path}"));
+        }
+        value
+    }
+
+    fn str_at<'a>(table: &'a toml::Table, path: &str) -> &'a str {
+        get(table, path)
+            .as_str()
+            .unwrap_or_else(|| panic!("{path} is not a string"))
+    }
+
+    #[test]
+    fn vault_config_has_the_documented_shape() {
+        let configs = render_configs(&layout("/abs")).unwrap();
+        let vault: toml::Table = configs.vault.parse().unwrap();
+        assert_eq!(str_at(&vault, "listen"), "127.0.0.1:7443");
+        assert_eq!(str_at(&vault, "mode"), "development");
+        assert_eq!(str_at(&vault, "tls.cert"), "/abs/certs/vault.pem");
+        assert_eq!(str_at(&vault, "tls.key"), "/abs/certs/vault-key.pem");
+        assert_eq!(str_at(&vault, "tls.client_ca"), "/abs/certs/ca.pem");
+        let clients = get(&vault, "clients").as_array().unwrap();
+        let clients: Vec<(&str, &str)> = clients
+            .iter()
+            .map(|client| {
+                (
+                    client["identity"].as_str().unwrap(),
+                    client["role"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            clients,
+            [
+                ("spiffe://tessera/gateway", "gateway"),
+                ("spiffe://tessera/operator", "operator")
+            ]
+        );
+        assert_eq!(str_at(&vault, "master_key.source"), "development-file");
+        assert_eq!(str_at(&vault, "master_key.path"), "/abs/.tessera/dev-master-key");
+        assert_eq!(get(&vault, "master_key.create_if_missing").as_bool(), Some(true));
+        assert_eq!(vault.len(), 5, "no unexpected keys: {vault:?}");
+    }
+
+    #[test]
+    fn gateway_config_has_the_documented_shape() {
+        let configs = render_configs(&layout("/abs")).unwrap();
+        let gateway: toml::Table = configs.gateway.parse().unwrap();
+        assert_eq!(str_at(&gateway, "listen"), "127.0.0.1:8443");
+        assert_eq!(str_at(&gateway, "database"), "/abs/.tessera/tessera.db");
+        assert_eq!(str_at(&gateway, "tls.cert"), "/abs/certs/gateway.pem");
+        assert_eq!(str_at(&gateway, "tls.key"), "/abs/certs/gateway-key.pem");
+        assert_eq!(str_at(&gateway, "tls.client_ca"), "/abs/certs/ca.pem");
+        let endpoints = get(&gateway, "vault.endpoints").as_array().unwrap();
+        assert_eq!(endpoints, &[toml::Value::from("https://127.0.0.1:7443")]);
+        assert_eq!(str_at(&gateway, "vault.server_name"), "tessera-vault");
+        assert_eq!(str_at(&gateway, "vault.ca"), "/abs/certs/ca.pem");
+        assert_eq!(
+            str_at(&gateway, "vault.client_cert"),
+            "/abs/certs/gateway-client.pem"
+        );
+        assert_eq!(
+            str_at(&gateway, "vault.client_key"),
+            "/abs/certs/gateway-client-key.pem"
+        );
+        let callers = get(&gateway, "callers").as_array().unwrap();
+        assert_eq!(callers.len(), 1);
+        let caller = &callers[0];
+        assert_eq!(caller["identity"].as_str(), Some("spiffe://tessera/dev-client"));
+        assert_eq!(caller["merchants"].as_array().unwrap(), &[toml::Value::from("*")]);
+        let operations: Vec<&str> = caller["operations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|op| op.as_str().unwrap())
+            .collect();
+        assert_eq!(operations, ["tokenize", "read_metadata", "detokenize", "delete"]);
+        assert_eq!(gateway.len(), 5, "no unexpected keys: {gateway:?}");
+    }
+
+    #[test]
+    fn paths_with_quotes_and_backslashes_survive_the_round_trip() {
+        let root = r#"/tmp/it's "quoted" \ odd"#;
+        let configs = render_configs(&layout(root)).unwrap();
+        let vault: toml::Table = configs.vault.parse().unwrap();
+        let gateway: toml::Table = configs.gateway.parse().unwrap();
+        assert_eq!(str_at(&vault, "tls.cert"), format!("{root}/certs/vault.pem"));
+        assert_eq!(
+            str_at(&gateway, "database"),
+            format!("{root}/.tessera/tessera.db")
+        );
+    }
+
+    #[test]
+    fn addresses_flow_into_both_configs() {
+        let mut layout = layout("/abs");
+        layout.vault_addr = "127.0.0.1:17443".parse().unwrap();
+        layout.gateway_addr = "[::1]:18443".parse().unwrap();
+        let configs = render_configs(&layout).unwrap();
+        let vault: toml::Table = configs.vault.parse().unwrap();
+        let gateway: toml::Table = configs.gateway.parse().unwrap();
+        assert_eq!(str_at(&vault, "listen"), "127.0.0.1:17443");
+        assert_eq!(str_at(&gateway, "listen"), "[::1]:18443");
+        assert_eq!(
+            get(&gateway, "vault.endpoints").as_array().unwrap()[0].as_str(),
+            Some("https://127.0.0.1:17443")
+        );
+    }
+
+    #[test]
+    fn non_utf8_paths_are_an_error_not_a_panic() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut layout = layout("/abs");
+        layout.certs_dir = PathBuf::from(OsStr::from_bytes(b"/abs/\xff"));
+        assert!(matches!(render_configs(&layout), Err(StackError::NonUtf8Path(_))));
+    }
+
+    #[test]
+    fn grpcurl_examples_use_the_dev_client_and_quote_odd_paths() {
+        let examples = grpcurl_examples(Path::new("certs"), "127.0.0.1:8443".parse().unwrap());
+        assert_eq!(
+            examples[0],
+            "grpcurl -cacert certs/ca.pem -cert certs/dev-client.pem -key certs/dev-client-key.pem \
+             -authority tessera-gateway 127.0.0.1:8443 list"
+        );
+        assert!(examples[2].ends_with("127.0.0.1:8443 tessera.v1.Tokenization/Tokenize"));
+        assert!(examples[2].contains(r#"-d '{"merchant_id":"m_demo","card":{"number":"4111111111111111""#));
+        assert!(examples[4].ends_with("tessera.v1.Tokenization/Detokenize"));
+
+        let odd = grpcurl_examples(Path::new("my certs/it's"), "127.0.0.1:8443".parse().unwrap());
+        assert!(odd[0].contains(r"-cacert 'my certs/it'\''s/ca.pem'"));
+    }
+}
