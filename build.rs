@@ -10,8 +10,26 @@ const PROTOS: &[&str] = &[
     "proto/google/rpc/status.proto",
 ];
 
-/// Messages that carry card data: they wipe their memory when dropped and never print it.
-const SECRET_MESSAGES: &[&str] = &[".tessera.v1.Card", ".tessera.vault.v1.Card"];
+/// Messages that carry card data, bank data, contact data or a CVC: they (and the oneofs
+/// inside them, which the attribute reaches by path prefix) wipe their memory when dropped, and their `Debug` is written by hand (proto/redacted_debug.rs) to print none
+/// of it.
+const SECRET_MESSAGES: &[&str] = &[
+    ".tessera.v1.Card",
+    ".tessera.v1.BankAccount",
+    ".tessera.v1.Contact",
+    ".tessera.v1.DetokenizeResponse",
+    ".tessera.vault.v1.Card",
+    ".tessera.vault.v1.BankAccount",
+    ".tessera.vault.v1.Contact",
+    ".tessera.vault.v1.SecretData",
+    ".tessera.vault.v1.ProtectItem",
+    ".tessera.vault.v1.Revealed",
+];
+
+/// Requests that carry such data only inside secret messages, apart from a CVC the gateway
+/// moves into zeroizing memory as its first step: they print nothing, but stay plain structs
+/// so callers can build them with `..Default::default()`.
+const REDACTED_MESSAGES: &[&str] = &[".tessera.v1.TokenizeRequest"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {
@@ -27,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()
         // Their `Debug` is written by hand in proto/redacted_debug.rs and prints no card data.
-        .skip_debug(SECRET_MESSAGES.iter().copied());
+        .skip_debug(SECRET_MESSAGES.iter().chain(REDACTED_MESSAGES).copied());
     for message in SECRET_MESSAGES {
         builder = builder.type_attribute(message, "#[derive(::zeroize::Zeroize, ::zeroize::ZeroizeOnDrop)]");
     }

@@ -1,34 +1,57 @@
-//! `Debug` for the generated messages that carry card data: field names only, no values, so a
-//! stray `{:?}` in a log line or panic can never print a card number or holder name.
+//! `Debug` for the generated messages that carry card data, bank data, contact data or a CVC:
+//! the type name and nothing else, so a stray `{:?}` in a log line or panic can never print
+//! them.
 
 use std::fmt;
 
-impl fmt::Debug for crate::v1::Card {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Card").finish_non_exhaustive()
-    }
+macro_rules! redacted_debug {
+    ($($name:literal => $type:ty),* $(,)?) => {
+        $(
+            impl fmt::Debug for $type {
+                fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.debug_struct($name).finish_non_exhaustive()
+                }
+            }
+        )*
+    };
 }
 
-impl fmt::Debug for crate::vault::Card {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Card").finish_non_exhaustive()
-    }
+redacted_debug! {
+    "Card" => crate::v1::Card,
+    "BankAccount" => crate::v1::BankAccount,
+    "Contact" => crate::v1::Contact,
+    "TokenizeRequest" => crate::v1::TokenizeRequest,
+    "DetokenizeResponse" => crate::v1::DetokenizeResponse,
+    "Card" => crate::vault::Card,
+    "BankAccount" => crate::vault::BankAccount,
+    "Contact" => crate::vault::Contact,
+    "SecretData" => crate::vault::SecretData,
+    "ProtectItem" => crate::vault::ProtectItem,
+    "Revealed" => crate::vault::Revealed,
 }
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn debug_prints_no_card_data() {
-        let card = crate::v1::Card {
+    use crate::v1::{tokenize_request, Card, TokenizeRequest};
+
+    fn card() -> Card {
+        Card {
             number: "4111111111111111".into(),
             expiry_month: 12,
             expiry_year: 2031,
             holder_name: "Ada Lovelace".into(),
-        };
-        let request = crate::v1::TokenizeRequest {
-            card: Some(card.clone()),
+        }
+    }
+
+    #[test]
+    fn debug_prints_no_card_data() {
+        let request = TokenizeRequest {
+            merchant_id: "m1".into(),
+            data: Some(tokenize_request::Data::Card(card())),
+            cvc: "737".into(),
             ..Default::default()
         };
+        let card = card();
         for printed in [
             format!("{card:?}"),
             format!("{request:?}"),
@@ -36,6 +59,7 @@ mod tests {
         ] {
             assert!(!printed.contains("4111"), "{printed}");
             assert!(!printed.contains("Ada"), "{printed}");
+            assert!(!printed.contains("737"), "{printed}");
         }
         let vault_card = crate::vault::Card {
             number: "5555555555554444".into(),
@@ -43,6 +67,23 @@ mod tests {
             expiry_year: 2030,
             holder_name: String::new(),
         };
-        assert!(!format!("{vault_card:?}").contains("5555"));
+        let item = crate::vault::ProtectItem {
+            merchant_id: "m1".into(),
+            data: Some(crate::vault::SecretData {
+                data: Some(crate::vault::secret_data::Data::Card(vault_card.clone())),
+            }),
+            format: 0,
+            cvc: "1234".into(),
+        };
+        let batch = crate::vault::ProtectRequest {
+            keys: vec![],
+            items: vec![item],
+        };
+        for printed in [format!("{vault_card:?}"), format!("{batch:?}")] {
+            assert!(
+                !printed.contains("5555") && !printed.contains("1234"),
+                "{printed}"
+            );
+        }
     }
 }

@@ -24,6 +24,10 @@ pub struct GatewayConfig {
     /// Bounds on the public API's work in flight.
     #[serde(default)]
     pub limits: Limits,
+    /// Serves `tessera.bench.v1.Floor`, which relays each call to the vault's no-op `Echo`:
+    /// the floor `tessera bench` measures against. Off unless benchmarking.
+    #[serde(default)]
+    pub benchmark_floor: bool,
 }
 
 /// The public listener's certificate and the CA its callers' certificates must chain to.

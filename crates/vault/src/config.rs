@@ -23,10 +23,24 @@ pub struct VaultConfig {
     /// How many unwrapped merchant keys stay cached (each holds 32 secret bytes).
     #[serde(default = "default_key_cache_capacity")]
     pub key_cache_capacity: usize,
+    /// Seconds a CVC is held in memory before it is wiped unused.
+    #[serde(default = "default_cvc_ttl_secs")]
+    pub cvc_ttl_secs: u64,
+    /// Most CVCs held at once; beyond it new ones are refused.
+    #[serde(default = "default_cvc_capacity")]
+    pub cvc_capacity: usize,
 }
 
 fn default_key_cache_capacity() -> usize {
     10_000
+}
+
+fn default_cvc_ttl_secs() -> u64 {
+    3600
+}
+
+fn default_cvc_capacity() -> usize {
+    100_000
 }
 
 /// Development allows the development key file; production refuses it and debug builds.
@@ -127,8 +141,13 @@ impl VaultConfig {
                 "[[clients]] must allow at least one identity".into(),
             ));
         }
-        if config.key_cache_capacity == 0 {
-            return Err(ConfigError::Invalid("key_cache_capacity must be positive".into()));
+        if config.key_cache_capacity == 0 || config.cvc_capacity == 0 {
+            return Err(ConfigError::Invalid(
+                "key_cache_capacity and cvc_capacity must be positive".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&config.cvc_ttl_secs) {
+            return Err(ConfigError::Invalid("cvc_ttl_secs must be 1 to 86400".into()));
         }
         Ok(config)
     }

@@ -20,7 +20,7 @@ use http::{HeaderMap, HeaderValue, Response};
 use prost::Message;
 use tessera_api::error_details::encode_status_details;
 use tessera_api::identity::peer_identity;
-use tessera_api::vault::{CreateKeysRequest, ProtectRequest, RevealRequest, StatusRequest};
+use tessera_api::vault::{CreateKeysRequest, EchoRequest, ProtectRequest, RevealRequest, StatusRequest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -43,6 +43,7 @@ enum Method {
     Protect,
     Reveal,
     Status,
+    Echo,
 }
 
 impl Method {
@@ -52,6 +53,7 @@ impl Method {
             "/tessera.vault.v1.Vault/Protect" => Some(Self::Protect),
             "/tessera.vault.v1.Vault/Reveal" => Some(Self::Reveal),
             "/tessera.vault.v1.Vault/Status" => Some(Self::Status),
+            "/tessera.vault.v1.Vault/Echo" => Some(Self::Echo),
             _ => None,
         }
     }
@@ -59,7 +61,7 @@ impl Method {
     /// The one role allowed to call each method.
     fn allowed(self, role: Role) -> bool {
         match self {
-            Self::CreateKeys | Self::Protect | Self::Reveal => role == Role::Gateway,
+            Self::CreateKeys | Self::Protect | Self::Reveal | Self::Echo => role == Role::Gateway,
             Self::Status => role == Role::Operator,
         }
     }
@@ -308,6 +310,9 @@ fn dispatch(vault: &Vault, method: Method, message: &[u8]) -> Result<Zeroizing<V
             StatusRequest::decode(message).map_err(malformed)?;
             Ok(frame(&vault.status()))
         }
+        Method::Echo => Ok(frame(
+            &vault.echo(&EchoRequest::decode(message).map_err(malformed)?),
+        )),
     }
 }
 

@@ -292,7 +292,13 @@ impl FingerprintKey {
     /// under this merchant's key, and useless to anyone without the key (PCI DSS 3.5.1.1
     /// forbids plain hashes of card numbers).
     pub fn fingerprint(&self, pan: &Pan) -> [u8; 32] {
-        let tag = hmac::sign(&self.mac, pan.digits().as_bytes());
+        self.fingerprint_bytes(pan.digits().as_bytes())
+    }
+
+    /// HMAC-SHA-256 of already normalised, type-prefixed non-card data (see
+    /// [`crate::payload`]); the prefix keeps an e-mail address from ever colliding with a PAN.
+    pub(crate) fn fingerprint_bytes(&self, normalised: &[u8]) -> [u8; 32] {
+        let tag = hmac::sign(&self.mac, normalised);
         let mut out = [0u8; 32];
         for (out, byte) in out.iter_mut().zip(tag.as_ref()) {
             *out = *byte;

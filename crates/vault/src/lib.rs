@@ -3,6 +3,8 @@
 //! Layout, smallest and most reviewed first:
 //! - [`card`]: parsing and validating card numbers into zeroizing types; brand and card facts.
 //! - [`keys`]: the master key, wrapped merchant keys and the bounded key cache.
+//! - [`payload`]: bank accounts and contact data, validated like cards.
+//! - [`cvc`]: CVCs held in memory only, for a limited time, returned at most once.
 //! - [`record`]: AES-256-GCM record sealing bound to merchant, token and key version.
 //! - [`token`]: opaque and format-preserving token generation.
 //! - [`master_key`]: where the master key comes from (development file today).
@@ -14,10 +16,12 @@
 
 pub mod card;
 pub mod config;
+pub mod cvc;
 pub mod grpc;
 pub mod hardening;
 pub mod keys;
 pub mod master_key;
+pub mod payload;
 pub mod record;
 pub mod service;
 pub mod tls;

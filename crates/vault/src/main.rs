@@ -8,7 +8,7 @@ use clap::Parser;
 use tessera_vault::config::{MasterKeyConfig, Mode, VaultConfig};
 use tessera_vault::hardening::{harden_process, is_debug_build};
 use tessera_vault::master_key::{DevelopmentKeyFile, MasterKeySource};
-use tessera_vault::service::{Vault, VaultFacts};
+use tessera_vault::service::{Vault, VaultFacts, VaultLimits};
 use tessera_vault::{grpc, tls};
 
 /// Tessera's vault: the only process that holds keys.
@@ -69,15 +69,37 @@ async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -
         master_key_source: source.describe(),
         hardening,
     };
-    let vault =
-        Arc::new(Vault::new(master, config.key_cache_capacity, facts).map_err(|err| err.to_string())?);
+    let vault = Arc::new(Vault::new(master, limits(&config), facts).map_err(|err| err.to_string())?);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", config.listen))?;
     tracing::info!(addr = %config.listen, mode = config.mode.as_str(), "vault listening (mutual TLS)");
+    tokio::spawn(purge_cvcs(Arc::downgrade(&vault)));
     grpc::serve(vault, config.roles(), tls, listener, shutdown_signal()).await;
     tracing::info!("vault stopped");
     Ok(())
+}
+
+fn limits(config: &VaultConfig) -> VaultLimits {
+    VaultLimits {
+        key_cache_capacity: config.key_cache_capacity,
+        cvc_ttl: std::time::Duration::from_secs(config.cvc_ttl_secs),
+        cvc_capacity: config.cvc_capacity,
+    }
+}
+
+/// Wipes expired CVCs every few seconds, so one is never held much past its time limit even
+/// when nobody asks for it.
+async fn purge_cvcs(vault: std::sync::Weak<Vault>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let Some(vault) = vault.upgrade() else { return };
+        let purged = vault.purge_expired_cvcs();
+        if purged > 0 {
+            tracing::info!(purged, "expired CVCs wiped");
+        }
+    }
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -13,6 +13,8 @@ use ring::aead::{Aad, Nonce, NONCE_LEN};
 use ring::rand::SecureRandom;
 use zeroize::Zeroizing;
 
+use tessera_api::vault::{secret_data, SecretData};
+
 use crate::card::ValidCard;
 use crate::keys::{length_prefixed, DataKey};
 
@@ -153,28 +155,64 @@ impl DataKey {
     }
 }
 
-/// Encodes a validated card as a vault API `Card` message and seals it.
-pub fn seal_card(
+/// Seals any record message (e.g. [`SecretData`]) under `aad`.
+pub fn seal_message(
     key: &DataKey,
     nonces: &NonceSequence,
     aad: &RecordAad,
-    card: &ValidCard,
+    message: &impl Message,
 ) -> Result<Vec<u8>, RecordError> {
-    let message = card.to_proto();
     // Sized exactly so encoding never reallocates and leaves a clear copy in freed memory.
     let mut plaintext = Zeroizing::new(Vec::with_capacity(message.encoded_len()));
     message.encode(&mut *plaintext).map_err(|_| RecordError::Encode)?;
     key.seal(nonces, aad, &plaintext)
 }
 
-/// Opens a record sealed by [`seal_card`]. The returned message wipes itself when dropped.
+/// Seals a record holding any kind of data.
+pub fn seal_data(
+    key: &DataKey,
+    nonces: &NonceSequence,
+    aad: &RecordAad,
+    data: &SecretData,
+) -> Result<Vec<u8>, RecordError> {
+    seal_message(key, nonces, aad, data)
+}
+
+/// Opens a record sealed by [`seal_data`] (or [`seal_card`]). The returned message wipes
+/// itself when dropped.
+pub fn open_data(key: &DataKey, aad: &RecordAad, sealed: &[u8]) -> Result<SecretData, RecordError> {
+    let plaintext = key.open(aad, sealed)?;
+    SecretData::decode(plaintext.as_slice()).map_err(|_| RecordError::Malformed)
+}
+
+/// Seals a card record.
+pub fn seal_card(
+    key: &DataKey,
+    nonces: &NonceSequence,
+    aad: &RecordAad,
+    card: &ValidCard,
+) -> Result<Vec<u8>, RecordError> {
+    seal_message(
+        key,
+        nonces,
+        aad,
+        &SecretData {
+            data: Some(secret_data::Data::Card(card.to_proto())),
+        },
+    )
+}
+
+/// Opens a card record; a record holding other data is `Malformed` here.
 pub fn open_card(
     key: &DataKey,
     aad: &RecordAad,
     sealed: &[u8],
 ) -> Result<tessera_api::vault::Card, RecordError> {
-    let plaintext = key.open(aad, sealed)?;
-    tessera_api::vault::Card::decode(plaintext.as_slice()).map_err(|_| RecordError::Malformed)
+    let mut data = open_data(key, aad, sealed)?;
+    match data.data.as_mut() {
+        Some(secret_data::Data::Card(card)) => Ok(std::mem::take(card)),
+        _ => Err(RecordError::Malformed),
+    }
 }
 
 /// Why a record could not be sealed or opened. Never carries record contents.

@@ -6,17 +6,24 @@ use std::fmt;
 use std::sync::Arc;
 
 use ring::rand::SystemRandom;
-use tessera_api::vault::{
-    protect_result, reveal_result, CardFacts as ProtoFacts, CreateKeysRequest, CreateKeysResponse, ItemError,
-    KeyPurpose as ProtoPurpose, ProtectItem, ProtectRequest, ProtectResponse, ProtectResult, Protected,
-    RevealItem, RevealRequest, RevealResponse, RevealResult, StatusResponse, TokenFormat, WrappedKey,
-};
+use std::time::{Duration, Instant};
 
-use crate::card::{today_utc, CardError, ValidCard};
+use tessera_api::data_checks::cvc_valid;
+use tessera_api::vault::{
+    protect_result, reveal_result, CreateKeysRequest, CreateKeysResponse, DataFacts, EchoRequest,
+    EchoResponse, ItemError, KeyPurpose as ProtoPurpose, ProtectItem, ProtectRequest, ProtectResponse,
+    ProtectResult, Protected, RevealItem, RevealRequest, RevealResponse, RevealResult, Revealed,
+    StatusResponse, TokenFormat, WrappedKey,
+};
+use zeroize::Zeroizing;
+
+use crate::card::today_utc;
 use crate::config::Mode;
+use crate::cvc::{CvcError, CvcStore};
 use crate::hardening::{is_debug_build, HardeningReport};
 use crate::keys::{KeyCache, KeyError, KeyId, KeyPurpose, MasterKey};
-use crate::record::{open_card, seal_card, NonceSequence, RecordAad, RecordError};
+use crate::payload::{DataError, ValidData};
+use crate::record::{open_data, seal_data, NonceSequence, RecordAad, RecordError};
 use crate::token::{TokenError, TokenRandom};
 
 /// Most items one request may carry; bounds the work and memory of a single call.
@@ -27,6 +34,8 @@ pub mod code {
     pub const INVALID_ARGUMENT: i32 = 3;
     pub const FAILED_PRECONDITION: i32 = 9;
     pub const PERMISSION_DENIED: i32 = 7;
+    pub const RESOURCE_EXHAUSTED: i32 = 8;
+    pub const NOT_FOUND: i32 = 5;
     pub const INTERNAL: i32 = 13;
     pub const DATA_LOSS: i32 = 15;
 }
@@ -65,10 +74,22 @@ pub struct VaultFacts {
     pub hardening: HardeningReport,
 }
 
-/// The vault: master key, key cache, nonce sequence, random source.
+/// Bounds of the vault's memory-held state.
+#[derive(Debug, Clone, Copy)]
+pub struct VaultLimits {
+    /// Unwrapped merchant keys kept cached.
+    pub key_cache_capacity: usize,
+    /// How long a CVC is held before it is wiped unused.
+    pub cvc_ttl: Duration,
+    /// Most CVCs held at once.
+    pub cvc_capacity: usize,
+}
+
+/// The vault: master key, key cache, CVC store, nonce sequence, random source.
 pub struct Vault {
     master: MasterKey,
     cache: KeyCache,
+    cvcs: CvcStore,
     nonces: NonceSequence,
     rng: SystemRandom,
     facts: VaultFacts,
@@ -91,9 +112,15 @@ fn item_error(code: i32, reason: &str, message: String, field: &str) -> ItemErro
     }
 }
 
-impl From<&CardError> for ItemError {
-    fn from(err: &CardError) -> Self {
+impl From<&DataError> for ItemError {
+    fn from(err: &DataError) -> Self {
         item_error(code::INVALID_ARGUMENT, err.reason(), err.to_string(), err.field())
+    }
+}
+
+impl From<&CvcError> for ItemError {
+    fn from(err: &CvcError) -> Self {
+        item_error(code::RESOURCE_EXHAUSTED, "CVC_STORE_FULL", err.to_string(), "cvc")
     }
 }
 
@@ -150,18 +177,24 @@ fn missing_key(what: &str) -> ItemError {
 }
 
 impl Vault {
-    pub fn new(master: MasterKey, cache_capacity: usize, facts: VaultFacts) -> Result<Self, VaultError> {
+    pub fn new(master: MasterKey, limits: VaultLimits, facts: VaultFacts) -> Result<Self, VaultError> {
         let rng = SystemRandom::new();
         let nonces = NonceSequence::new(&rng).map_err(|_| {
             VaultError::new(code::INTERNAL, "RANDOM_FAILED", "the system random source failed")
         })?;
         Ok(Self {
             master,
-            cache: KeyCache::new(cache_capacity),
+            cache: KeyCache::new(limits.key_cache_capacity),
+            cvcs: CvcStore::new(limits.cvc_ttl, limits.cvc_capacity),
             nonces,
             rng,
             facts,
         })
+    }
+
+    /// Wipes CVCs whose time ran out; the server calls this periodically.
+    pub fn purge_expired_cvcs(&self) -> usize {
+        self.cvcs.purge_expired(Instant::now())
     }
 
     /// Creates a merchant's data and fingerprint keys; only their wrapped blobs leave.
@@ -241,61 +274,104 @@ impl Vault {
         random: &mut TokenRandom,
         today: (u32, u32),
     ) -> Result<Protected, ItemError> {
-        let card = item
-            .card
-            .as_ref()
-            .ok_or_else(|| ItemError::from(&CardError::MissingCard))?;
-        let card = ValidCard::from_proto(card, today).map_err(|err| ItemError::from(&err))?;
-        let data =
-            newest_key(keys, &item.merchant_id, ProtoPurpose::Data).ok_or_else(|| missing_key("data"))?;
-        let fingerprint = newest_key(keys, &item.merchant_id, ProtoPurpose::Fingerprint)
+        let cvc = Zeroizing::new(item.cvc.clone());
+        if !cvc.is_empty() && !cvc_valid(&cvc) {
+            return Err(item_error(
+                code::INVALID_ARGUMENT,
+                "INVALID_CVC",
+                "cvc must be 3 or 4 digits".into(),
+                "cvc",
+            ));
+        }
+        let data = match &item.data {
+            Some(data) => Some(ValidData::from_proto(data, today).map_err(|err| ItemError::from(&err))?),
+            None if !cvc.is_empty() => None,
+            None => return Err(ItemError::from(&DataError::Missing)),
+        };
+        let format = TokenFormat::try_from(item.format).map_err(|_| {
+            item_error(
+                code::INVALID_ARGUMENT,
+                "INVALID_FORMAT",
+                "unknown token format".into(),
+                "format",
+            )
+        })?;
+        let token = match (format, data.as_ref().and_then(ValidData::card)) {
+            (TokenFormat::FormatPreserving, Some(card)) => random.next_format_preserving(&card.pan),
+            (TokenFormat::FormatPreserving, None) => {
+                return Err(item_error(
+                    code::INVALID_ARGUMENT,
+                    "INVALID_FORMAT",
+                    "format-preserving tokens are only for cards".into(),
+                    "format",
+                ))
+            }
+            (TokenFormat::Opaque | TokenFormat::Unspecified, _) => random.next_opaque(),
+        }
+        .map_err(|err| ItemError::from(&err))?;
+        let mut protected = match &data {
+            Some(data) => self.seal_item(keys, &item.merchant_id, &token, data)?,
+            // A CVC-only token: nothing is sealed or stored, the CVC lives in memory only.
+            None => Protected {
+                token: token.clone(),
+                facts: Some(DataFacts {
+                    data_type: "cvc".into(),
+                    ..DataFacts::default()
+                }),
+                ..Protected::default()
+            },
+        };
+        if !cvc.is_empty() {
+            self.cvcs
+                .put(&item.merchant_id, &token, cvc, Instant::now())
+                .map_err(|err| ItemError::from(&err))?;
+            protected.holds_cvc = true;
+        }
+        Ok(protected)
+    }
+
+    fn seal_item(
+        &self,
+        keys: &[WrappedKey],
+        merchant_id: &str,
+        token: &str,
+        data: &ValidData,
+    ) -> Result<Protected, ItemError> {
+        let wrapped_data =
+            newest_key(keys, merchant_id, ProtoPurpose::Data).ok_or_else(|| missing_key("data"))?;
+        let wrapped_fingerprint = newest_key(keys, merchant_id, ProtoPurpose::Fingerprint)
             .ok_or_else(|| missing_key("fingerprint"))?;
         let data_key = self
             .cache
-            .data_key(&self.master, &key_id(data, KeyPurpose::Data), &data.blob)
+            .data_key(
+                &self.master,
+                &key_id(wrapped_data, KeyPurpose::Data),
+                &wrapped_data.blob,
+            )
             .map_err(|err| ItemError::from(&err))?;
         let fingerprint_key = self
             .cache
             .fingerprint_key(
                 &self.master,
-                &key_id(fingerprint, KeyPurpose::Fingerprint),
-                &fingerprint.blob,
+                &key_id(wrapped_fingerprint, KeyPurpose::Fingerprint),
+                &wrapped_fingerprint.blob,
             )
             .map_err(|err| ItemError::from(&err))?;
-        let token = match TokenFormat::try_from(item.format) {
-            Ok(TokenFormat::FormatPreserving) => random.next_format_preserving(&card.pan),
-            Ok(TokenFormat::Opaque | TokenFormat::Unspecified) => random.next_opaque(),
-            Err(_) => {
-                return Err(item_error(
-                    code::INVALID_ARGUMENT,
-                    "INVALID_FORMAT",
-                    "unknown token format".into(),
-                    "format",
-                ))
-            }
-        }
-        .map_err(|err| ItemError::from(&err))?;
         let aad = RecordAad {
-            merchant_id: &item.merchant_id,
-            token: &token,
-            key_version: data.version,
-        };
-        let ciphertext =
-            seal_card(&data_key, &self.nonces, &aad, &card).map_err(|err| ItemError::from(&err))?;
-        let facts = card.facts();
-        Ok(Protected {
-            fingerprint: fingerprint_key.fingerprint(&card.pan).to_vec(),
-            fingerprint_key_version: fingerprint.version,
+            merchant_id,
             token,
+            key_version: wrapped_data.version,
+        };
+        let ciphertext = seal_data(&data_key, &self.nonces, &aad, &data.to_proto())
+            .map_err(|err| ItemError::from(&err))?;
+        Ok(Protected {
+            token: token.to_owned(),
             ciphertext,
-            data_key_version: data.version,
-            facts: Some(ProtoFacts {
-                brand: facts.brand.as_str().to_owned(),
-                first_six: facts.first_six,
-                last_four: facts.last_four,
-                expiry_month: facts.expiry.month,
-                expiry_year: facts.expiry.year,
-            }),
+            data_key_version: wrapped_data.version,
+            fingerprint: data.fingerprint(&fingerprint_key).to_vec(),
+            fingerprint_key_version: wrapped_fingerprint.version,
+            facts: Some(data.facts()),
+            holds_cvc: false,
         })
     }
 
@@ -308,7 +384,7 @@ impl Vault {
             .iter()
             .map(|item| {
                 let result = match self.reveal_item(&keys, item) {
-                    Ok(card) => reveal_result::Result::Card(card),
+                    Ok(revealed) => reveal_result::Result::Revealed(revealed),
                     Err(error) => reveal_result::Result::Error(error),
                 };
                 RevealResult { result: Some(result) }
@@ -321,27 +397,65 @@ impl Vault {
         &self,
         keys: &HashMap<(&str, i32, u32), &WrappedKey>,
         item: &RevealItem,
-    ) -> Result<tessera_api::vault::Card, ItemError> {
-        let wrapped = keys
-            .get(&(
-                item.merchant_id.as_str(),
-                ProtoPurpose::Data as i32,
-                item.data_key_version,
-            ))
-            .ok_or_else(|| missing_key("data"))?;
-        let data_key = self
-            .cache
-            .data_key(&self.master, &key_id(wrapped, KeyPurpose::Data), &wrapped.blob)
-            .map_err(|err| ItemError::from(&err))?;
-        let aad = RecordAad {
-            merchant_id: &item.merchant_id,
-            token: &item.token,
-            key_version: item.data_key_version,
+    ) -> Result<Revealed, ItemError> {
+        let data = if item.ciphertext.is_empty() {
+            None
+        } else {
+            let wrapped = keys
+                .get(&(
+                    item.merchant_id.as_str(),
+                    ProtoPurpose::Data as i32,
+                    item.data_key_version,
+                ))
+                .ok_or_else(|| missing_key("data"))?;
+            let data_key = self
+                .cache
+                .data_key(&self.master, &key_id(wrapped, KeyPurpose::Data), &wrapped.blob)
+                .map_err(|err| ItemError::from(&err))?;
+            let aad = RecordAad {
+                merchant_id: &item.merchant_id,
+                token: &item.token,
+                key_version: item.data_key_version,
+            };
+            Some(open_data(&data_key, &aad, &item.ciphertext).map_err(|err| {
+                tracing::warn!(merchant_id = %item.merchant_id, token = %item.token, "record failed its integrity check");
+                ItemError::from(&err)
+            })?)
         };
-        open_card(&data_key, &aad, &item.ciphertext).map_err(|err| {
-            tracing::warn!(merchant_id = %item.merchant_id, token = %item.token, "record failed its integrity check");
-            ItemError::from(&err)
+        // The CVC is taken only once the record opened: a failed reveal must not burn it.
+        let cvc = if item.cvc_token.is_empty() {
+            Zeroizing::new(String::new())
+        } else {
+            self.cvcs
+                .take(&item.merchant_id, &item.cvc_token, Instant::now())
+                .ok_or_else(|| {
+                    item_error(
+                        code::NOT_FOUND,
+                        "CVC_UNAVAILABLE",
+                        "no CVC is held for that token: it was used, expired, or never given".into(),
+                        "cvc_token",
+                    )
+                })?
+        };
+        if data.is_none() && cvc.is_empty() {
+            return Err(item_error(
+                code::INVALID_ARGUMENT,
+                "MISSING_FIELD",
+                "nothing to reveal".into(),
+                "ciphertext",
+            ));
+        }
+        Ok(Revealed {
+            data,
+            cvc: cvc.as_str().to_owned(),
         })
+    }
+
+    /// Answers the floor benchmark's echo at once.
+    pub fn echo(&self, request: &EchoRequest) -> EchoResponse {
+        EchoResponse {
+            payload: request.payload.clone(),
+        }
     }
 
     /// The vault's key and hardening state, for operators.
@@ -358,6 +472,8 @@ impl Vault {
             debug_build: is_debug_build(),
             cached_keys: u32::try_from(self.cache.len()).unwrap_or(u32::MAX),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            master_key_check_value: self.master.key_check_value(),
+            held_cvcs: u32::try_from(self.cvcs.len()).unwrap_or(u32::MAX),
         }
     }
 }
