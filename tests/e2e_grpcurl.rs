@@ -67,7 +67,7 @@ fn grpcurl_lists_describes_tokenizes_and_detokenizes() {
         &grpcurl_gateway(
             &stack,
             "dev-client",
-            Some(r#"{"merchant_id":"m_demo","card":{"number":"4111111111111111","expiry_month":12,"expiry_year":2030,"holder_name":"Ada Lovelace"}}"#),
+            Some(r#"{"merchant_id":"m_demo","shopper_reference":"shopper-42","card":{"number":"4111111111111111","expiry_month":12,"expiry_year":2030,"holder_name":"Ada Lovelace"}}"#),
             &["tessera.v1.Tokenization/Tokenize"],
         )
         .unwrap(),
@@ -81,7 +81,9 @@ fn grpcurl_lists_describes_tokenizes_and_detokenizes() {
         "tokenize must not return the card number"
     );
 
-    let request = format!(r#"{{"merchant_id":"m_demo","token":"{token}"}}"#);
+    let request = format!(
+        r#"{{"merchant_id":"m_demo","token":"{token}","shopper_reference":"shopper-42","purpose":{{"initiator":"INITIATOR_CARDHOLDER","recurring_model":"RECURRING_MODEL_CARD_ON_FILE","shopper_interaction":"SHOPPER_INTERACTION_ECOMMERCE"}}}}"#
+    );
     let revealed = stdout(
         &grpcurl_gateway(
             &stack,

@@ -14,7 +14,7 @@ mod common;
 use common::{gateway_channel, Stack};
 use tessera_api::error_details::decode_error_info;
 use tessera_api::v1::tokenization_client::TokenizationClient;
-use tessera_api::v1::{Card, DetokenizeRequest, TokenizeRequest};
+use common::requests::{self, revealed_number, tokenize_card};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -26,16 +26,7 @@ async fn database(stack: &Stack) -> sqlx::SqlitePool {
 
 async fn tokenize(client: &mut TokenizationClient<Channel>, merchant: &str, number: &str) -> String {
     client
-        .tokenize(TokenizeRequest {
-            merchant_id: merchant.into(),
-            card: Some(Card {
-                number: number.into(),
-                expiry_month: 3,
-                expiry_year: 2033,
-                holder_name: String::new(),
-            }),
-            ..Default::default()
-        })
+        .tokenize(tokenize_card(merchant, number))
         .await
         .unwrap()
         .into_inner()
@@ -50,12 +41,9 @@ async fn detokenize(
     token: &str,
 ) -> Result<String, (Code, String)> {
     client
-        .detokenize(DetokenizeRequest {
-            merchant_id: merchant.into(),
-            token: token.into(),
-        })
+        .detokenize(requests::detokenize(merchant, token))
         .await
-        .map(|response| response.into_inner().card.as_ref().unwrap().number.clone())
+        .map(|response| revealed_number(&response.into_inner()))
         .map_err(|status| {
             assert!(!status.message().contains("4111") && !status.message().contains("5555"));
             (

@@ -11,7 +11,8 @@ mod common;
 
 use common::{gateway_channel, Stack, StackOptions};
 use tessera_api::v1::tokenization_client::TokenizationClient;
-use tessera_api::v1::{Card, DetokenizeRequest, TokenFormat, TokenizeRequest};
+use common::requests::{detokenize, revealed_number, SHOPPER};
+use tessera_api::v1::{tokenize_request, Card, TokenFormat, TokenizeRequest};
 
 const CARDS: &[&str] = &[
     "4111111111111111",
@@ -38,12 +39,13 @@ async fn no_card_number_reaches_any_log_at_trace_level() {
         let token = client
             .tokenize(TokenizeRequest {
                 merchant_id: "m_logs".into(),
-                card: Some(Card {
+                data: Some(tokenize_request::Data::Card(Card {
                     number: (*number).into(),
                     expiry_month: 6,
                     expiry_year: 2032,
                     holder_name: HOLDER.into(),
-                }),
+                })),
+                shopper_reference: SHOPPER.into(),
                 format: format as i32,
                 ..Default::default()
             })
@@ -54,25 +56,22 @@ async fn no_card_number_reaches_any_log_at_trace_level() {
             .unwrap()
             .token;
         let revealed = client
-            .detokenize(DetokenizeRequest {
-                merchant_id: "m_logs".into(),
-                token,
-            })
+            .detokenize(detokenize("m_logs", &token))
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(revealed.card.as_ref().unwrap().number, *number);
+        assert_eq!(revealed_number(&revealed), *number);
     }
     // Refused input is logged too; it must not carry the number either.
     let _ = client
         .tokenize(TokenizeRequest {
             merchant_id: "m_logs".into(),
-            card: Some(Card {
+            data: Some(tokenize_request::Data::Card(Card {
                 number: "4111111111111112".into(),
                 expiry_month: 6,
                 expiry_year: 2032,
                 holder_name: HOLDER.into(),
-            }),
+            })),
             ..Default::default()
         })
         .await

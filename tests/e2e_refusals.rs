@@ -17,7 +17,8 @@ use std::process::Command;
 use common::{binaries, gateway_channel, try_channel, vault_channel, CallerPolicy, Pki, Stack, StackOptions};
 use tessera_api::error_details::decode_error_info;
 use tessera_api::v1::tokenization_client::TokenizationClient;
-use tessera_api::v1::{Card, DetokenizeRequest, GetTokenRequest, TokenizeRequest};
+use common::requests::detokenize;
+use tessera_api::v1::{tokenize_request, Card, GetTokenRequest, TokenizeRequest};
 use tessera_api::vault::vault_client::VaultClient;
 use tessera_api::vault::{ProtectItem, ProtectRequest, StatusRequest};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -49,13 +50,13 @@ async fn row_counts(stack: &Stack) -> (i64, i64, i64) {
     )
 }
 
-fn card(number: &str, month: u32, year: u32) -> Option<Card> {
-    Some(Card {
+fn card(number: &str, month: u32, year: u32) -> Option<tokenize_request::Data> {
+    Some(tokenize_request::Data::Card(Card {
         number: number.into(),
         expiry_month: month,
         expiry_year: year,
         holder_name: "Ada".into(),
-    })
+    }))
 }
 
 #[tokio::test]
@@ -67,7 +68,7 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
             "non-digits",
             TokenizeRequest {
                 merchant_id: "m1".into(),
-                card: card("4111-1111-1111-111x", 12, 2031),
+                data: card("4111-1111-1111-111x", 12, 2031),
                 ..Default::default()
             },
             Code::InvalidArgument,
@@ -77,7 +78,7 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
             "too short",
             TokenizeRequest {
                 merchant_id: "m1".into(),
-                card: card("41111111111", 12, 2031),
+                data: card("41111111111", 12, 2031),
                 ..Default::default()
             },
             Code::InvalidArgument,
@@ -87,7 +88,7 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
             "too long",
             TokenizeRequest {
                 merchant_id: "m1".into(),
-                card: card("41111111111111111111", 12, 2031),
+                data: card("41111111111111111111", 12, 2031),
                 ..Default::default()
             },
             Code::InvalidArgument,
@@ -97,7 +98,7 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
             "luhn",
             TokenizeRequest {
                 merchant_id: "m1".into(),
-                card: card("4111111111111112", 12, 2031),
+                data: card("4111111111111112", 12, 2031),
                 ..Default::default()
             },
             Code::InvalidArgument,
@@ -107,7 +108,7 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
             "expired",
             TokenizeRequest {
                 merchant_id: "m1".into(),
-                card: card("4111111111111111", 1, 2020),
+                data: card("4111111111111111", 1, 2020),
                 ..Default::default()
             },
             Code::InvalidArgument,
@@ -117,7 +118,7 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
             "month 13",
             TokenizeRequest {
                 merchant_id: "m1".into(),
-                card: card("4111111111111111", 13, 2031),
+                data: card("4111111111111111", 13, 2031),
                 ..Default::default()
             },
             Code::InvalidArgument,
@@ -127,7 +128,7 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
             "year 99",
             TokenizeRequest {
                 merchant_id: "m1".into(),
-                card: card("4111111111111111", 1, 99),
+                data: card("4111111111111111", 1, 99),
                 ..Default::default()
             },
             Code::InvalidArgument,
@@ -137,7 +138,7 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
             "no card",
             TokenizeRequest {
                 merchant_id: "m1".into(),
-                card: None,
+                data: None,
                 ..Default::default()
             },
             Code::InvalidArgument,
@@ -147,7 +148,7 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
             "no number",
             TokenizeRequest {
                 merchant_id: "m1".into(),
-                card: card("", 12, 2031),
+                data: card("", 12, 2031),
                 ..Default::default()
             },
             Code::InvalidArgument,
@@ -157,7 +158,7 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
             "no merchant",
             TokenizeRequest {
                 merchant_id: String::new(),
-                card: card("4111111111111111", 12, 2031),
+                data: card("4111111111111111", 12, 2031),
                 ..Default::default()
             },
             Code::InvalidArgument,
@@ -167,7 +168,7 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
             "bad shopper",
             TokenizeRequest {
                 merchant_id: "m1".into(),
-                card: card("4111111111111111", 12, 2031),
+                data: card("4111111111111111", 12, 2031),
                 shopper_reference: "ada@example.com".into(),
                 ..Default::default()
             },
@@ -176,11 +177,10 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
         ),
     ];
     for (name, request, code, expected_reason) in cases {
-        let number = request
-            .card
-            .as_ref()
-            .map(|c| c.number.clone())
-            .unwrap_or_default();
+        let number = match &request.data {
+            Some(tokenize_request::Data::Card(card)) => card.number.clone(),
+            _ => String::new(),
+        };
         let status = client.tokenize(request).await.expect_err(name);
         assert_eq!(status.code(), code, "{name}: {status:?}");
         assert_eq!(reason(&status), expected_reason, "{name}");
@@ -198,10 +198,7 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
         }
     }
     let unknown = client
-        .detokenize(DetokenizeRequest {
-            merchant_id: "m1".into(),
-            token: "tok_aaaaaaaaaaaaaaaaaaaaaaaaaa".into(),
-        })
+        .detokenize(detokenize("m1", "tok_aaaaaaaaaaaaaaaaaaaaaaaaaa"))
         .await
         .unwrap_err();
     assert_eq!(
@@ -242,7 +239,7 @@ async fn gateway_refuses_callers_without_a_valid_allowed_certificate() {
     pki.client("stranger", "spiffe://tessera/stranger");
     let request = || TokenizeRequest {
         merchant_id: "m1".into(),
-        card: card("4111111111111111", 12, 2031),
+        data: card("4111111111111111", 12, 2031),
         ..Default::default()
     };
 
@@ -304,10 +301,7 @@ async fn gateway_refuses_callers_without_a_valid_allowed_certificate() {
         (Code::PermissionDenied, "MERCHANT_NOT_ALLOWED")
     );
     let status = reader
-        .detokenize(DetokenizeRequest {
-            merchant_id: "m1".into(),
-            token: "tok_aaaaaaaaaaaaaaaaaaaaaaaaaa".into(),
-        })
+        .detokenize(detokenize("m1", "tok_aaaaaaaaaaaaaaaaaaaaaaaaaa"))
         .await
         .unwrap_err();
     assert_eq!(
@@ -321,13 +315,16 @@ fn protect_request() -> ProtectRequest {
         keys: vec![],
         items: vec![ProtectItem {
             merchant_id: "m1".into(),
-            card: Some(tessera_api::vault::Card {
-                number: "4111111111111111".into(),
-                expiry_month: 12,
-                expiry_year: 2031,
-                holder_name: String::new(),
+            data: Some(tessera_api::vault::SecretData {
+                data: Some(tessera_api::vault::secret_data::Data::Card(tessera_api::vault::Card {
+                    number: "4111111111111111".into(),
+                    expiry_month: 12,
+                    expiry_year: 2031,
+                    holder_name: String::new(),
+                })),
             }),
             format: 0,
+            cvc: String::new(),
         }],
     }
 }

@@ -9,31 +9,15 @@
 
 mod common;
 
+use common::requests::{card, detokenize, revealed_card, revealed_number, tokenize_card};
 use common::{gateway_channel, Stack};
 use tessera_api::error_details::decode_error_info;
 use tessera_api::v1::tokenization_client::TokenizationClient;
 use tessera_api::v1::{
-    Card, CardBrand, DeleteTokenRequest, DetokenizeRequest, GetTokenRequest, TokenFormat, TokenStatus,
+    tokenize_request, CardBrand, DeleteTokenRequest, GetTokenRequest, TokenFormat, TokenStatus,
     TokenizeRequest,
 };
 use tonic::Code;
-
-fn card(number: &str) -> Card {
-    Card {
-        number: number.into(),
-        expiry_month: 12,
-        expiry_year: 2031,
-        holder_name: "Ada Lovelace".into(),
-    }
-}
-
-fn tokenize_request(merchant: &str, number: &str) -> TokenizeRequest {
-    TokenizeRequest {
-        merchant_id: merchant.into(),
-        card: Some(card(number)),
-        ..Default::default()
-    }
-}
 
 fn reason(status: &tonic::Status) -> String {
     decode_error_info(status.details())
@@ -47,7 +31,7 @@ async fn tokenize_get_detokenize_delete() {
     let mut client = TokenizationClient::new(gateway_channel(&stack, "dev-client").await);
 
     let created = client
-        .tokenize(tokenize_request("m_demo", "4111 1111 1111 1111"))
+        .tokenize(tokenize_card("m_demo", "4111 1111 1111 1111"))
         .await
         .unwrap()
         .into_inner();
@@ -74,20 +58,14 @@ async fn tokenize_get_detokenize_delete() {
     assert!(fetched.created_at.is_some());
 
     let revealed = client
-        .detokenize(DetokenizeRequest {
-            merchant_id: "m_demo".into(),
-            token: token.token.clone(),
-        })
+        .detokenize(detokenize("m_demo", &token.token))
         .await
         .unwrap()
         .into_inner();
-    let revealed_card = revealed.card.as_ref().unwrap();
-    assert_eq!(revealed_card.number, "4111111111111111");
-    assert_eq!(
-        (revealed_card.expiry_month, revealed_card.expiry_year),
-        (12, 2031)
-    );
-    assert_eq!(revealed_card.holder_name, "Ada Lovelace");
+    let revealed = revealed_card(&revealed);
+    assert_eq!(revealed.number, "4111111111111111");
+    assert_eq!((revealed.expiry_month, revealed.expiry_year), (12, 2031));
+    assert_eq!(revealed.holder_name, "Ada Lovelace");
 
     let deleted = client
         .delete_token(DeleteTokenRequest {
@@ -100,14 +78,13 @@ async fn tokenize_get_detokenize_delete() {
     assert_eq!(deleted.token.unwrap().status, TokenStatus::Deleted as i32);
 
     let after = client
-        .detokenize(DetokenizeRequest {
-            merchant_id: "m_demo".into(),
-            token: token.token.clone(),
-        })
+        .detokenize(detokenize("m_demo", &token.token))
         .await
         .unwrap_err();
-    assert_eq!(after.code(), Code::NotFound);
-    assert_eq!(reason(&after), "TOKEN_DELETED");
+    assert_eq!(
+        (after.code(), reason(&after).as_str()),
+        (Code::NotFound, "TOKEN_DELETED")
+    );
     let again = client
         .delete_token(DeleteTokenRequest {
             merchant_id: "m_demo".into(),
@@ -125,7 +102,7 @@ async fn tokenize_get_detokenize_delete() {
 async fn format_preserving_tokens_keep_bin_and_last_four_and_fail_luhn() {
     let stack = Stack::start();
     let mut client = TokenizationClient::new(gateway_channel(&stack, "dev-client").await);
-    let mut request = tokenize_request("m_fpe", "5555555555554444");
+    let mut request = tokenize_card("m_fpe", "5555555555554444");
     request.format = TokenFormat::FormatPreserving as i32;
     let token = client
         .tokenize(request)
@@ -146,14 +123,11 @@ async fn format_preserving_tokens_keep_bin_and_last_four_and_fail_luhn() {
     );
     assert_eq!(token.brand, CardBrand::Mastercard as i32);
     let revealed = client
-        .detokenize(DetokenizeRequest {
-            merchant_id: "m_fpe".into(),
-            token: token.token,
-        })
+        .detokenize(detokenize("m_fpe", &token.token))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(revealed.card.as_ref().unwrap().number, "5555555555554444");
+    assert_eq!(revealed_number(&revealed), "5555555555554444");
 }
 
 #[tokio::test]
@@ -162,7 +136,7 @@ async fn deduplicate_returns_the_existing_token_per_merchant_and_shopper() {
     let mut client = TokenizationClient::new(gateway_channel(&stack, "dev-client").await);
     let request = |merchant: &str, shopper: &str| TokenizeRequest {
         merchant_id: merchant.into(),
-        card: Some(card("378282246310005")),
+        data: Some(tokenize_request::Data::Card(card("378282246310005"))),
         shopper_reference: shopper.into(),
         deduplicate: true,
         ..Default::default()
@@ -202,7 +176,7 @@ async fn another_merchants_token_is_not_found() {
     let stack = Stack::start();
     let mut client = TokenizationClient::new(gateway_channel(&stack, "dev-client").await);
     let token = client
-        .tokenize(tokenize_request("m_owner", "4111111111111111"))
+        .tokenize(tokenize_card("m_owner", "4111111111111111"))
         .await
         .unwrap()
         .into_inner();
@@ -234,14 +208,11 @@ async fn another_merchants_token_is_not_found() {
         unknown.message(),
         "existence must not leak across merchants"
     );
-    let detokenize = client
-        .detokenize(DetokenizeRequest {
-            merchant_id: "m_other".into(),
-            token,
-        })
+    let detokenized = client
+        .detokenize(detokenize("m_other", &token))
         .await
         .unwrap_err();
-    assert_eq!(detokenize.code(), Code::NotFound);
+    assert_eq!(detokenized.code(), Code::NotFound);
 }
 
 fn luhn(digits: &str) -> bool {
@@ -251,15 +222,10 @@ fn luhn(digits: &str) -> bool {
         .enumerate()
         .map(|(i, b)| {
             let d = u32::from(b - b'0');
-            if i % 2 == 1 {
-                let doubled = d * 2;
-                if doubled > 9 {
-                    doubled - 9
-                } else {
-                    doubled
-                }
-            } else {
-                d
+            match (i % 2 == 1, d * 2) {
+                (true, doubled) if doubled > 9 => doubled - 9,
+                (true, doubled) => doubled,
+                (false, _) => d,
             }
         })
         .sum();

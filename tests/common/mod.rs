@@ -12,6 +12,8 @@
     clippy::indexing_slicing
 )]
 
+pub mod requests;
+
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::Write as _;
@@ -382,8 +384,13 @@ impl Stack {
             .prefix("tessera-stack-")
             .tempdir()
             .expect("temporary directory");
-        let vault_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let gateway_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let vault_port = free_port();
+        // Two probes in a row can be handed the same port once it is released again.
+        let gateway_port = std::iter::repeat_with(free_port)
+            .find(|port| *port != vault_port)
+            .unwrap();
+        let vault_addr = SocketAddr::from(([127, 0, 0, 1], vault_port));
+        let gateway_addr = SocketAddr::from(([127, 0, 0, 1], gateway_port));
         let mut stack = Self {
             binaries,
             pki,

@@ -6,22 +6,40 @@ use std::sync::Arc;
 use tessera_api::identity::peer_identity;
 use tessera_api::v1::tokenization_server::Tokenization;
 use tessera_api::v1::{
-    Card, CardBrand, DeleteTokenRequest, DeleteTokenResponse, DetokenizeRequest, DetokenizeResponse,
-    GetTokenRequest, Token, TokenFormat, TokenStatus, TokenizeRequest, TokenizeResponse,
+    detokenize_response, tokenize_request, BankAccount, Card, CardBrand, ConfirmTokenRequest, Contact,
+    DataType, DeleteTokenRequest, DeleteTokenResponse, DetokenizeRequest, DetokenizeResponse,
+    ExtendRetentionRequest, GetTokenHistoryRequest, GetTokenHistoryResponse, GetTokenRequest,
+    JournalEntry as ApiJournalEntry, ListTokensRequest, ListTokensResponse, Token, TokenFormat, TokenStatus,
+    TokenizeRequest, TokenizeResponse, TransactionType,
 };
-use tessera_api::vault::{self, ProtectItem, RevealItem};
-use tonic::{Request, Response, Status};
+use tessera_api::vault::{self, secret_data, ProtectItem, RevealItem, SecretData};
+use tonic::{Code, Request, Response, Status};
+use zeroize::Zeroizing;
 
-use crate::clock::{Clock, UnixMillis};
+use crate::clock::{add_months, end_of_month, Clock, UnixMillis};
+use crate::config::Lifecycle;
 use crate::error::ApiError;
 use crate::keyring::{KeyRing, PURPOSE_DATA};
 use crate::policy::{Operation, Policy};
-use crate::store::{JournalEntry, Store, StoreError, TokenRecord, STATUS_ACTIVE, STATUS_DELETED};
+use crate::purpose::{check_kind, check_purpose, CheckedPurpose, Kind};
+use crate::store::{
+    JournalEntry, ListCursor, Store, StoreError, TokenRecord, Transition, STATUS_ACTIVE, STATUS_CONSUMED,
+    STATUS_DELETED, STATUS_EXPIRED, STATUS_PROVISIONAL,
+};
 use crate::validate;
 use crate::vault_client::VaultClient;
 
 /// How often a tokenize retries when a format-preserving token collides with an existing one.
 const TOKEN_COLLISION_RETRIES: usize = 5;
+/// Card tokens are kept this long after the card expires; other tokens this long after their
+/// last use.
+const RETENTION_MONTHS: u32 = 14;
+/// The most retention ExtendRetention may add over a token's life.
+const MAX_EXTENSION_MONTHS: u32 = 24;
+/// A single-use token expires this long after creation without use.
+const SINGLE_USE_TTL_MS: i64 = 24 * 3600 * 1000;
+const DEFAULT_PAGE_SIZE: u32 = 20;
+const MAX_PAGE_SIZE: u32 = 100;
 
 /// The state every handler shares.
 #[derive(Debug)]
@@ -31,6 +49,7 @@ pub struct Gateway {
     pub vault: VaultClient,
     pub keys: KeyRing,
     pub clock: Clock,
+    pub lifecycle: Lifecycle,
 }
 
 /// The tonic service over a shared [`Gateway`].
@@ -42,7 +61,7 @@ fn caller<T>(request: &Request<T>) -> Option<String> {
     peer_identity(certs.iter().map(|cert| cert.as_ref()))
 }
 
-fn store_error(err: StoreError) -> ApiError {
+pub(crate) fn store_error(err: StoreError) -> ApiError {
     tracing::error!(error = %err, "storage failed");
     ApiError::unavailable("STORAGE_UNAVAILABLE", "storage is unavailable; retry later")
 }
@@ -61,14 +80,33 @@ fn timestamp(ms: UnixMillis) -> prost_types::Timestamp {
     }
 }
 
+fn status_of(record: &TokenRecord) -> TokenStatus {
+    match record.status.as_str() {
+        STATUS_PROVISIONAL => TokenStatus::Provisional,
+        STATUS_DELETED => TokenStatus::Deleted,
+        STATUS_EXPIRED => TokenStatus::Expired,
+        STATUS_CONSUMED => TokenStatus::Consumed,
+        _ => TokenStatus::Active,
+    }
+}
+
+fn data_type_of(stored: &str) -> DataType {
+    match stored {
+        "card" => DataType::Card,
+        "bank_account" => DataType::BankAccount,
+        "email" => DataType::Email,
+        "phone" => DataType::Phone,
+        "cvc" => DataType::Cvc,
+        _ => DataType::Unspecified,
+    }
+}
+
 /// The public metadata of a record.
 fn token_message(record: &TokenRecord) -> Token {
-    let brand =
-        CardBrand::from_str_name(&format!("CARD_BRAND_{}", record.brand)).unwrap_or(CardBrand::Unknown);
-    let status = if record.status == STATUS_DELETED {
-        TokenStatus::Deleted
+    let brand = if record.brand.is_empty() {
+        CardBrand::Unspecified
     } else {
-        TokenStatus::Active
+        CardBrand::from_str_name(&format!("CARD_BRAND_{}", record.brand)).unwrap_or(CardBrand::Unknown)
     };
     let format = if record.format == "format_preserving" {
         TokenFormat::FormatPreserving
@@ -83,10 +121,16 @@ fn token_message(record: &TokenRecord) -> Token {
         last_four: record.last_four.clone(),
         expiry_month: record.expiry_month,
         expiry_year: record.expiry_year,
-        status: status as i32,
+        status: status_of(record) as i32,
         created_at: Some(timestamp(record.created_at)),
         format: format as i32,
         shopper_reference: record.shopper_reference.clone(),
+        kind: Kind::parse(&record.kind).to_proto() as i32,
+        data_type: data_type_of(&record.data_type) as i32,
+        last_used_at: record.last_used_at.map(timestamp),
+        retain_until: Some(timestamp(record.retain_until)),
+        expires_at: record.expires_at.map(timestamp),
+        retention_extended_months: record.retention_extended_months,
     }
 }
 
@@ -100,29 +144,146 @@ fn vault_card(card: &mut Card) -> vault::Card {
     }
 }
 
-fn public_card(card: &mut vault::Card) -> Card {
-    Card {
-        number: std::mem::take(&mut card.number),
-        expiry_month: card.expiry_month,
-        expiry_year: card.expiry_year,
-        holder_name: std::mem::take(&mut card.holder_name),
+/// Validates the data of a tokenize and moves it into the vault's message.
+fn secret_data(
+    data: Option<tokenize_request::Data>,
+    today: (u32, u32),
+) -> Result<Option<SecretData>, ApiError> {
+    let data = match data {
+        Some(tokenize_request::Data::Card(mut card)) => {
+            validate::card(&card, today)?;
+            secret_data::Data::Card(vault_card(&mut card))
+        }
+        Some(tokenize_request::Data::BankAccount(mut account)) => {
+            validate::bank_account(&account)?;
+            secret_data::Data::BankAccount(vault::BankAccount {
+                iban: std::mem::take(&mut account.iban),
+                bic: std::mem::take(&mut account.bic),
+                holder_name: std::mem::take(&mut account.holder_name),
+            })
+        }
+        Some(tokenize_request::Data::Contact(mut contact)) => {
+            validate::contact(&contact)?;
+            secret_data::Data::Contact(vault::Contact {
+                email: std::mem::take(&mut contact.email),
+                phone: std::mem::take(&mut contact.phone),
+            })
+        }
+        None => return Ok(None),
+    };
+    Ok(Some(SecretData { data: Some(data) }))
+}
+
+/// Moves revealed data into the public response's oneof without copying it.
+fn public_data(revealed: &mut vault::Revealed) -> Option<detokenize_response::Data> {
+    match revealed.data.as_mut().and_then(|data| data.data.as_mut())? {
+        secret_data::Data::Card(card) => Some(detokenize_response::Data::Card(Card {
+            number: std::mem::take(&mut card.number),
+            expiry_month: card.expiry_month,
+            expiry_year: card.expiry_year,
+            holder_name: std::mem::take(&mut card.holder_name),
+        })),
+        secret_data::Data::BankAccount(account) => {
+            Some(detokenize_response::Data::BankAccount(BankAccount {
+                iban: std::mem::take(&mut account.iban),
+                bic: std::mem::take(&mut account.bic),
+                holder_name: std::mem::take(&mut account.holder_name),
+            }))
+        }
+        secret_data::Data::Contact(contact) => Some(detokenize_response::Data::Contact(Contact {
+            email: std::mem::take(&mut contact.email),
+            phone: std::mem::take(&mut contact.phone),
+        })),
+    }
+}
+
+fn precondition(reason: &'static str, message: &'static str) -> ApiError {
+    ApiError::new(Code::FailedPrecondition, reason, message)
+}
+
+/// Whether the record's own deadlines have passed, whether or not the sweeper has run yet.
+fn past_deadline(record: &TokenRecord, now: UnixMillis) -> bool {
+    record.expires_at.is_some_and(|at| at <= now) || record.retain_until <= now
+}
+
+/// Refuses a token that no longer exists for its caller: deleted, expired or consumed.
+fn check_exists(record: &TokenRecord, now: UnixMillis) -> Result<(), ApiError> {
+    match record.status.as_str() {
+        STATUS_DELETED => Err(ApiError::not_found("TOKEN_DELETED", "the token was deleted")),
+        STATUS_EXPIRED => Err(ApiError::not_found("TOKEN_EXPIRED", "the token expired")),
+        STATUS_PROVISIONAL | STATUS_ACTIVE if past_deadline(record, now) => {
+            Err(ApiError::not_found("TOKEN_EXPIRED", "the token expired"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a token that cannot be used now.
+fn check_usable(record: &TokenRecord, now: UnixMillis) -> Result<(), ApiError> {
+    check_exists(record, now)?;
+    match record.status.as_str() {
+        STATUS_CONSUMED => Err(ApiError::not_found(
+            "TOKEN_CONSUMED",
+            "the single-use token was already used",
+        )),
+        STATUS_PROVISIONAL => Err(precondition(
+            "TOKEN_PROVISIONAL",
+            "the token is provisional until ConfirmToken confirms the payment that created it",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// When a token with these facts is deleted by the retention rules, counted from `from` for
+/// data other than cards.
+fn retention_end(data_type: &str, expiry: (u32, u32), from: UnixMillis, extended_months: u32) -> UnixMillis {
+    let base = if data_type == "card" {
+        end_of_month(expiry.1, expiry.0)
+    } else {
+        from
+    };
+    add_months(base, RETENTION_MONTHS + extended_months)
+}
+
+fn parse_cursor(page_token: &str) -> Result<Option<ListCursor>, ApiError> {
+    if page_token.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || {
+        ApiError::invalid(
+            "page_token",
+            "INVALID_PAGE_TOKEN",
+            "page_token is not one this API returned",
+        )
+    };
+    let rest = page_token.strip_prefix("v1.").ok_or_else(invalid)?;
+    let (created, token) = rest.split_once('.').ok_or_else(invalid)?;
+    let created = created.parse::<i64>().map_err(|_| invalid())?;
+    validate::token(token).map_err(|_| invalid())?;
+    Ok(Some((created, token.to_owned())))
+}
+
+fn transaction_type(kind: &str) -> TransactionType {
+    match kind {
+        "TK" => TransactionType::Tokenize,
+        "DT" => TransactionType::Detokenize,
+        "DL" => TransactionType::Delete,
+        "CONFIRM" => TransactionType::Confirm,
+        "EXTEND" => TransactionType::Extend,
+        "EXPIRE" => TransactionType::Expire,
+        _ => TransactionType::Unspecified,
     }
 }
 
 impl Gateway {
-    /// An active token of this merchant, or NOT_FOUND (also for another merchant's token, so
-    /// existence does not leak across merchants).
-    async fn active_record(&self, merchant_id: &str, token: &str) -> Result<TokenRecord, ApiError> {
-        let record = self
-            .store
+    /// The record of a token of this merchant, whatever its state, or NOT_FOUND (also for
+    /// another merchant's token, so existence does not leak across merchants).
+    async fn lookup(&self, merchant_id: &str, token: &str) -> Result<TokenRecord, ApiError> {
+        self.store
             .token(merchant_id, token)
             .await
             .map_err(store_error)?
-            .ok_or_else(|| ApiError::not_found("TOKEN_NOT_FOUND", "no such token for this merchant"))?;
-        if record.status != STATUS_ACTIVE {
-            return Err(ApiError::not_found("TOKEN_DELETED", "the token was deleted"));
-        }
-        Ok(record)
+            .ok_or_else(|| ApiError::not_found("TOKEN_NOT_FOUND", "no such token for this merchant"))
     }
 
     async fn tokenize(
@@ -130,42 +291,88 @@ impl Gateway {
         caller: Option<String>,
         mut request: TokenizeRequest,
     ) -> Result<TokenizeResponse, ApiError> {
+        // First, so the CVC's buffer is wiped whatever happens next.
+        let cvc = Zeroizing::new(std::mem::take(&mut request.cvc));
         validate::merchant_id(&request.merchant_id)?;
         self.policy
             .authorize(caller.as_deref(), Operation::Tokenize, &request.merchant_id)?;
         let caller = caller.unwrap_or_default();
-        let mut card = request.card.take().ok_or_else(|| ApiError::missing("card"))?;
-        validate::card(&card, self.clock.year_month())?;
+        let kind = Kind::from_proto(request.kind)?;
+        let data = secret_data(request.data.take(), self.clock.year_month())?;
+        if !cvc.is_empty() {
+            validate::cvc(&cvc)?;
+            if kind != Kind::SingleUse {
+                return Err(ApiError::invalid(
+                    "cvc",
+                    "CVC_NOT_ALLOWED",
+                    "a CVC may only be given with a single-use token; it is never kept with a multi-use token",
+                ));
+            }
+        }
+        if data.is_none() && cvc.is_empty() {
+            return Err(ApiError::missing("data"));
+        }
         validate::shopper_reference(&request.shopper_reference)?;
+        if kind != Kind::SingleUse && request.shopper_reference.is_empty() {
+            return Err(ApiError::missing("shopper_reference"));
+        }
+        if request.provisional && kind == Kind::SingleUse {
+            return Err(ApiError::invalid(
+                "provisional",
+                "PROVISIONAL_NOT_ALLOWED",
+                "only card-on-file and recurrence tokens are created provisionally",
+            ));
+        }
         let format = TokenFormat::try_from(request.format).map_err(|_| {
             ApiError::invalid("format", "INVALID_FORMAT", "format is not a known TokenFormat")
         })?;
+        let is_card = matches!(
+            data.as_ref().and_then(|d| d.data.as_ref()),
+            Some(secret_data::Data::Card(_))
+        );
+        if format == TokenFormat::FormatPreserving && !is_card {
+            return Err(ApiError::invalid(
+                "format",
+                "INVALID_FORMAT",
+                "format-preserving tokens are only for cards",
+            ));
+        }
         let merchant_id = request.merchant_id.as_str();
-        let (data_key, fingerprint_key) = self
-            .keys
-            .current(&self.store, &self.vault, &self.clock, merchant_id)
-            .await?;
+        // A CVC-only token seals nothing, so it needs no merchant keys.
+        let keys = match data {
+            Some(_) => {
+                let (data_key, fingerprint_key) = self
+                    .keys
+                    .current(&self.store, &self.vault, &self.clock, merchant_id)
+                    .await?;
+                vec![(*data_key).clone(), (*fingerprint_key).clone()]
+            }
+            None => Vec::new(),
+        };
         let vault_format = match format {
             TokenFormat::FormatPreserving => vault::TokenFormat::FormatPreserving,
             TokenFormat::Opaque | TokenFormat::Unspecified => vault::TokenFormat::Opaque,
         };
         let item = ProtectItem {
             merchant_id: merchant_id.to_owned(),
-            card: Some(vault_card(&mut card)),
+            data,
             format: vault_format as i32,
+            cvc: cvc.to_string(),
         };
         for _ in 0..TOKEN_COLLISION_RETRIES {
-            let keys = vec![(*data_key).clone(), (*fingerprint_key).clone()];
-            // The item is cloned because a collision needs the card again for a fresh token.
-            let protected = self.vault.protect(keys, item.clone()).await?;
-            let facts = protected.facts.unwrap_or_default();
-            if request.deduplicate {
+            // The item is cloned because a collision needs the data again for a fresh token.
+            let protected = self.vault.protect(keys.clone(), item.clone()).await?;
+            let facts = protected.facts.clone().unwrap_or_default();
+            let now = self.clock.now_ms();
+            if request.deduplicate && !protected.fingerprint.is_empty() {
                 if let Some(existing) = self
                     .store
-                    .active_token_by_fingerprint(
+                    .usable_token_by_fingerprint(
                         merchant_id,
                         &request.shopper_reference,
+                        kind.as_str(),
                         &protected.fingerprint,
+                        now,
                     )
                     .await
                     .map_err(store_error)?
@@ -177,10 +384,24 @@ impl Gateway {
                     });
                 }
             }
-            let now = self.clock.now_ms();
+            let deadline = match (request.provisional, kind) {
+                (true, _) => {
+                    Some(now + i64::try_from(self.lifecycle.provisional_ttl_secs).unwrap_or(3600) * 1000)
+                }
+                (false, Kind::SingleUse) => Some(now + SINGLE_USE_TTL_MS),
+                (false, _) => None,
+            };
             let record = TokenRecord {
                 merchant_id: merchant_id.to_owned(),
                 token: protected.token.clone(),
+                kind: kind.as_str().to_owned(),
+                retain_until: retention_end(
+                    &facts.data_type,
+                    (facts.expiry_month, facts.expiry_year),
+                    now,
+                    0,
+                ),
+                data_type: facts.data_type,
                 format: format_name(format).to_owned(),
                 brand: facts.brand,
                 first_six: facts.first_six,
@@ -188,13 +409,22 @@ impl Gateway {
                 expiry_month: facts.expiry_month,
                 expiry_year: facts.expiry_year,
                 shopper_reference: request.shopper_reference.clone(),
-                fingerprint: Some(protected.fingerprint),
+                fingerprint: Some(protected.fingerprint).filter(|f| !f.is_empty()),
                 fingerprint_key_version: protected.fingerprint_key_version,
-                ciphertext: Some(protected.ciphertext),
+                ciphertext: Some(protected.ciphertext).filter(|c| !c.is_empty()),
                 data_key_version: protected.data_key_version,
-                status: STATUS_ACTIVE.to_owned(),
+                holds_cvc: protected.holds_cvc,
+                status: if request.provisional {
+                    STATUS_PROVISIONAL
+                } else {
+                    STATUS_ACTIVE
+                }
+                .to_owned(),
                 created_at: now,
-                deleted_at: None,
+                last_used_at: None,
+                ended_at: None,
+                expires_at: deadline,
+                retention_extended_months: 0,
             };
             let entry = JournalEntry {
                 merchant_id,
@@ -202,24 +432,25 @@ impl Gateway {
                 kind: "TK",
                 caller: &caller,
                 at: now,
-                detail: "",
+                purpose: "",
+                detail: if request.provisional { "PROVISIONAL" } else { "" },
             };
             match self.store.insert_token(&record, &entry).await {
                 Ok(()) => {
-                    tracing::info!(merchant_id, token = %record.token, "tokenized");
+                    tracing::info!(merchant_id, token = %record.token, kind = %record.kind, "tokenized");
                     return Ok(TokenizeResponse {
                         token: Some(token_message(&record)),
                         existing: false,
                     });
                 }
                 Err(StoreError::Duplicate) => {
-                    tracing::debug!(merchant_id, "token collision, drawing another");
+                    tracing::debug!(merchant_id, "token collision, drawing another")
                 }
                 Err(err) => return Err(store_error(err)),
             }
         }
         Err(ApiError::new(
-            tonic::Code::ResourceExhausted,
+            Code::ResourceExhausted,
             "TOKEN_SPACE_EXHAUSTED",
             "no unused token could be drawn for this card; use the opaque format",
         ))
@@ -230,7 +461,8 @@ impl Gateway {
         self.policy
             .authorize(caller.as_deref(), Operation::ReadMetadata, &request.merchant_id)?;
         validate::token(&request.token)?;
-        let record = self.active_record(&request.merchant_id, &request.token).await?;
+        let record = self.lookup(&request.merchant_id, &request.token).await?;
+        check_exists(&record, self.clock.now_ms())?;
         Ok(token_message(&record))
     }
 
@@ -240,11 +472,39 @@ impl Gateway {
         request: DetokenizeRequest,
     ) -> Result<DetokenizeResponse, ApiError> {
         validate::merchant_id(&request.merchant_id)?;
+        let purpose = check_purpose(request.purpose.as_ref())?;
+        let operation = if purpose.merchant_initiated() {
+            Operation::DetokenizeMerchantInitiated
+        } else {
+            Operation::Detokenize
+        };
         self.policy
-            .authorize(caller.as_deref(), Operation::Detokenize, &request.merchant_id)?;
+            .authorize(caller.as_deref(), operation, &request.merchant_id)?;
         let caller = caller.unwrap_or_default();
         validate::token(&request.token)?;
-        let record = self.active_record(&request.merchant_id, &request.token).await?;
+        let now = self.clock.now_ms();
+        let record = self.lookup(&request.merchant_id, &request.token).await?;
+        check_usable(&record, now)?;
+        if record.data_type == "cvc" {
+            return Err(precondition(
+                "CVC_ONLY_TOKEN",
+                "a CVC-only token is not detokenized itself; name it as cvc_token of a card-on-file detokenize",
+            ));
+        }
+        if request.shopper_reference != record.shopper_reference {
+            return Err(precondition(
+                "SHOPPER_REFERENCE_MISMATCH",
+                "shopper_reference differs from the one the token was created with",
+            ));
+        }
+        let kind = Kind::parse(&record.kind);
+        check_kind(kind, purpose)?;
+        let other_cvc_token = self.cvc_token(&request, &record, kind, purpose, now).await?;
+        let cvc_token = match (&other_cvc_token, record.holds_cvc) {
+            (Some(other), _) => other.clone(),
+            (None, true) => record.token.clone(),
+            (None, false) => String::new(),
+        };
         let ciphertext = record
             .ciphertext
             .clone()
@@ -258,7 +518,7 @@ impl Gateway {
                 record.data_key_version,
             )
             .await?;
-        let mut card = self
+        let mut revealed = self
             .vault
             .reveal(
                 vec![(*data_key).clone()],
@@ -267,26 +527,90 @@ impl Gateway {
                     token: record.token.clone(),
                     data_key_version: record.data_key_version,
                     ciphertext,
+                    cvc_token,
                 },
             )
             .await?;
-        // The card is released only once its use is journalled.
-        self.store
-            .journal(&JournalEntry {
-                merchant_id: &record.merchant_id,
-                token: &record.token,
-                kind: "DT",
-                caller: &caller,
-                at: self.clock.now_ms(),
-                detail: "",
-            })
+        let retain_until = (record.data_type != "card")
+            .then(|| retention_end(&record.data_type, (0, 0), now, record.retention_extended_months));
+        let purpose_text = purpose.journal_text();
+        let entry = JournalEntry {
+            merchant_id: &record.merchant_id,
+            token: &record.token,
+            kind: "DT",
+            caller: &caller,
+            at: now,
+            purpose: &purpose_text,
+            detail: if other_cvc_token.is_some() { "WITH_CVC" } else { "" },
+        };
+        // The data is released only once its use is journalled (and a single-use token
+        // consumed): if another request consumed it first, this one returns nothing.
+        let used = self
+            .store
+            .record_use(
+                &entry,
+                kind == Kind::SingleUse,
+                retain_until,
+                other_cvc_token.as_deref(),
+            )
             .await
             .map_err(store_error)?;
-        tracing::info!(merchant_id = %record.merchant_id, token = %record.token, "detokenized");
+        if !used {
+            return Err(ApiError::not_found(
+                "TOKEN_CONSUMED",
+                "the token was used or changed by another request",
+            ));
+        }
+        tracing::info!(merchant_id = %record.merchant_id, token = %record.token, purpose = %purpose_text, "detokenized");
         Ok(DetokenizeResponse {
             token: record.token,
-            card: Some(public_card(&mut card)),
+            data: public_data(&mut revealed),
+            cvc: std::mem::take(&mut revealed.cvc),
         })
+    }
+
+    /// The CVC-only token a detokenize names, checked: only a cardholder-initiated use of a
+    /// card-on-file token may ask for a CVC, and only for the same merchant and shopper.
+    async fn cvc_token(
+        &self,
+        request: &DetokenizeRequest,
+        record: &TokenRecord,
+        kind: Kind,
+        purpose: CheckedPurpose,
+        now: UnixMillis,
+    ) -> Result<Option<String>, ApiError> {
+        if request.cvc_token.is_empty() {
+            return Ok(None);
+        }
+        if kind != Kind::CardOnFile || purpose.merchant_initiated() {
+            return Err(precondition(
+                "CVC_NOT_ALLOWED",
+                "a CVC is returned only with a cardholder-initiated use of a card-on-file token",
+            ));
+        }
+        validate::token(&request.cvc_token)?;
+        let cvc = self
+            .store
+            .token(&request.merchant_id, &request.cvc_token)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                ApiError::not_found("CVC_TOKEN_NOT_FOUND", "no such CVC token for this merchant")
+            })?;
+        check_usable(&cvc, now)?;
+        if cvc.data_type != "cvc" || !cvc.holds_cvc {
+            return Err(precondition(
+                "NOT_A_CVC_TOKEN",
+                "cvc_token does not name a CVC-only single-use token",
+            ));
+        }
+        if cvc.shopper_reference != record.shopper_reference {
+            return Err(precondition(
+                "SHOPPER_REFERENCE_MISMATCH",
+                "the CVC token belongs to another shopper than the card token",
+            ));
+        }
+        Ok(Some(cvc.token))
     }
 
     async fn delete_token(
@@ -299,32 +623,225 @@ impl Gateway {
             .authorize(caller.as_deref(), Operation::Delete, &request.merchant_id)?;
         let caller = caller.unwrap_or_default();
         validate::token(&request.token)?;
+        let now = self.clock.now_ms();
+        let record = self.lookup(&request.merchant_id, &request.token).await?;
+        check_exists(&record, now)?;
         let entry = JournalEntry {
             merchant_id: &request.merchant_id,
             token: &request.token,
             kind: "DL",
             caller: &caller,
-            at: self.clock.now_ms(),
-            detail: "",
+            at: now,
+            purpose: "",
+            detail: if record.status == STATUS_PROVISIONAL {
+                "DISCARDED"
+            } else {
+                ""
+            },
         };
-        match self.store.delete_token(&entry).await.map_err(store_error)? {
-            Some(record) => {
-                tracing::info!(merchant_id = %record.merchant_id, token = %record.token, "deleted");
-                Ok(DeleteTokenResponse {
-                    token: Some(token_message(&record)),
-                })
-            }
-            // Tells a deleted token apart from an unknown one, as for every other call.
-            None => self
-                .active_record(&request.merchant_id, &request.token)
-                .await
-                .and_then(|_| {
-                    Err(ApiError::internal(
-                        "STORAGE_CONFLICT",
-                        "the token changed during deletion; retry",
-                    ))
-                }),
+        let change = Transition {
+            from: &[STATUS_PROVISIONAL, STATUS_ACTIVE, STATUS_CONSUMED],
+            to: STATUS_DELETED,
+            destroy: true,
+            clear_deadline: false,
+        };
+        let deleted = self
+            .store
+            .transition(&change, &entry)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    Code::Aborted,
+                    "CONCURRENT_CHANGE",
+                    "the token changed during deletion; retry",
+                )
+            })?;
+        tracing::info!(merchant_id = %deleted.merchant_id, token = %deleted.token, "deleted");
+        Ok(DeleteTokenResponse {
+            token: Some(token_message(&deleted)),
+        })
+    }
+
+    async fn confirm_token(
+        &self,
+        caller: Option<String>,
+        request: ConfirmTokenRequest,
+    ) -> Result<Token, ApiError> {
+        validate::merchant_id(&request.merchant_id)?;
+        self.policy
+            .authorize(caller.as_deref(), Operation::Tokenize, &request.merchant_id)?;
+        let caller = caller.unwrap_or_default();
+        validate::token(&request.token)?;
+        validate::reference("payment_reference", &request.payment_reference)?;
+        let now = self.clock.now_ms();
+        let record = self.lookup(&request.merchant_id, &request.token).await?;
+        check_exists(&record, now)?;
+        if record.status != STATUS_PROVISIONAL {
+            return Err(precondition(
+                "TOKEN_NOT_PROVISIONAL",
+                "only a provisional token can be confirmed",
+            ));
         }
+        let detail = if request.payment_reference.is_empty() {
+            "RECURRING_CONTRACT".to_owned()
+        } else {
+            format!(
+                "RECURRING_CONTRACT payment_reference={}",
+                request.payment_reference
+            )
+        };
+        let entry = JournalEntry {
+            merchant_id: &request.merchant_id,
+            token: &request.token,
+            kind: "CONFIRM",
+            caller: &caller,
+            at: now,
+            purpose: "",
+            detail: &detail,
+        };
+        let change = Transition {
+            from: &[STATUS_PROVISIONAL],
+            to: STATUS_ACTIVE,
+            destroy: false,
+            clear_deadline: true,
+        };
+        let confirmed = self
+            .store
+            .transition(&change, &entry)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    Code::Aborted,
+                    "CONCURRENT_CHANGE",
+                    "the token changed during confirmation; retry",
+                )
+            })?;
+        tracing::info!(merchant_id = %confirmed.merchant_id, token = %confirmed.token, "confirmed: recurring contract");
+        Ok(token_message(&confirmed))
+    }
+
+    async fn list_tokens(
+        &self,
+        caller: Option<String>,
+        request: ListTokensRequest,
+    ) -> Result<ListTokensResponse, ApiError> {
+        validate::merchant_id(&request.merchant_id)?;
+        self.policy
+            .authorize(caller.as_deref(), Operation::List, &request.merchant_id)?;
+        if request.shopper_reference.is_empty() {
+            return Err(ApiError::missing("shopper_reference"));
+        }
+        validate::shopper_reference(&request.shopper_reference)?;
+        let size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            size => size.min(MAX_PAGE_SIZE),
+        };
+        let cursor = parse_cursor(&request.page_token)?;
+        let mut records = self
+            .store
+            .list_usable(
+                &request.merchant_id,
+                &request.shopper_reference,
+                self.clock.now_ms(),
+                cursor.as_ref(),
+                size + 1,
+            )
+            .await
+            .map_err(store_error)?;
+        let more = records.len() > size as usize;
+        records.truncate(size as usize);
+        let next_page_token = match records.last() {
+            Some(last) if more => format!("v1.{}.{}", last.created_at, last.token),
+            _ => String::new(),
+        };
+        Ok(ListTokensResponse {
+            tokens: records.iter().map(token_message).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn extend_retention(
+        &self,
+        caller: Option<String>,
+        request: ExtendRetentionRequest,
+    ) -> Result<Token, ApiError> {
+        validate::merchant_id(&request.merchant_id)?;
+        self.policy
+            .authorize(caller.as_deref(), Operation::Extend, &request.merchant_id)?;
+        let caller = caller.unwrap_or_default();
+        validate::token(&request.token)?;
+        if !(1..=MAX_EXTENSION_MONTHS).contains(&request.months) {
+            return Err(ApiError::invalid(
+                "months",
+                "INVALID_MONTHS",
+                "months must be 1 to 24",
+            ));
+        }
+        let now = self.clock.now_ms();
+        let record = self.lookup(&request.merchant_id, &request.token).await?;
+        check_usable(&record, now)?;
+        if record.retention_extended_months + request.months > MAX_EXTENSION_MONTHS {
+            return Err(precondition(
+                "RETENTION_LIMIT",
+                "retention can be extended by at most 24 months in total",
+            ));
+        }
+        let detail = format!("+{} months", request.months);
+        let entry = JournalEntry {
+            merchant_id: &request.merchant_id,
+            token: &request.token,
+            kind: "EXTEND",
+            caller: &caller,
+            at: now,
+            purpose: "",
+            detail: &detail,
+        };
+        let retain_until = add_months(record.retain_until, request.months);
+        let extended = self
+            .store
+            .extend_retention(&entry, request.months, retain_until, MAX_EXTENSION_MONTHS)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                precondition(
+                    "RETENTION_LIMIT",
+                    "retention can be extended by at most 24 months in total",
+                )
+            })?;
+        Ok(token_message(&extended))
+    }
+
+    async fn token_history(
+        &self,
+        caller: Option<String>,
+        request: GetTokenHistoryRequest,
+    ) -> Result<GetTokenHistoryResponse, ApiError> {
+        validate::merchant_id(&request.merchant_id)?;
+        self.policy
+            .authorize(caller.as_deref(), Operation::ReadMetadata, &request.merchant_id)?;
+        validate::token(&request.token)?;
+        // Existence first, so an unknown token answers NOT_FOUND and not an empty history.
+        self.lookup(&request.merchant_id, &request.token).await?;
+        let entries = self
+            .store
+            .history(&request.merchant_id, &request.token)
+            .await
+            .map_err(store_error)?;
+        Ok(GetTokenHistoryResponse {
+            entries: entries
+                .into_iter()
+                .map(|entry| ApiJournalEntry {
+                    transaction_id: u64::try_from(entry.id).unwrap_or(0),
+                    r#type: transaction_type(&entry.kind) as i32,
+                    at: Some(timestamp(entry.at)),
+                    caller: entry.caller,
+                    purpose: CheckedPurpose::from_journal_text(&entry.purpose),
+                    detail: entry.detail,
+                })
+                .collect(),
+        })
     }
 }
 
@@ -364,5 +881,59 @@ impl Tokenization for TokenizationService {
     ) -> Result<Response<DeleteTokenResponse>, Status> {
         let caller = caller(&request);
         reply(self.0.delete_token(caller, request.into_inner()).await)
+    }
+
+    async fn confirm_token(&self, request: Request<ConfirmTokenRequest>) -> Result<Response<Token>, Status> {
+        let caller = caller(&request);
+        reply(self.0.confirm_token(caller, request.into_inner()).await)
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        let caller = caller(&request);
+        reply(self.0.list_tokens(caller, request.into_inner()).await)
+    }
+
+    async fn extend_retention(
+        &self,
+        request: Request<ExtendRetentionRequest>,
+    ) -> Result<Response<Token>, Status> {
+        let caller = caller(&request);
+        reply(self.0.extend_retention(caller, request.into_inner()).await)
+    }
+
+    async fn get_token_history(
+        &self,
+        request: Request<GetTokenHistoryRequest>,
+    ) -> Result<Response<GetTokenHistoryResponse>, Status> {
+        let caller = caller(&request);
+        reply(self.0.token_history(caller, request.into_inner()).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn card_retention_counts_from_the_end_of_the_expiry_month() {
+        let until = retention_end("card", (12, 2030), 0, 0);
+        assert_eq!(until, add_months(end_of_month(2030, 12), 14));
+        assert_eq!(retention_end("card", (12, 2030), 0, 3), add_months(until, 3));
+        assert_eq!(retention_end("email", (0, 0), 1_000, 0), add_months(1_000, 14));
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_garbage() {
+        assert_eq!(parse_cursor("").map_err(|e| e.reason), Ok(None));
+        assert_eq!(
+            parse_cursor("v1.123.tok_abc").map_err(|e| e.reason),
+            Ok(Some((123, "tok_abc".into())))
+        );
+        for bad in ["123.tok", "v1.x.tok", "v1.1.bad token", "v2.1.tok"] {
+            assert!(parse_cursor(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -28,6 +28,43 @@ pub struct GatewayConfig {
     /// the floor `tessera bench` measures against. Off unless benchmarking.
     #[serde(default)]
     pub benchmark_floor: bool,
+    /// Token lifecycle timing.
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
+    /// Hooks for end-to-end tests; never set in production.
+    #[serde(default)]
+    pub testing: Testing,
+}
+
+/// Token lifecycle timing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Lifecycle {
+    /// A provisional token not confirmed within this many seconds is discarded.
+    pub provisional_ttl_secs: u64,
+    /// How often the sweeper looks for tokens to expire.
+    pub sweep_interval_secs: u64,
+    /// Most tokens one sweep statement ends, so a sweep never holds the database for long.
+    pub sweep_batch: u32,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            provisional_ttl_secs: 3600,
+            sweep_interval_secs: 60,
+            sweep_batch: 500,
+        }
+    }
+}
+
+/// Hooks for end-to-end tests.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Testing {
+    /// A file holding a clock offset in milliseconds, re-read continuously: tests move the
+    /// gateway's time forward to check 24-hour and 14-month rules without waiting.
+    pub clock_offset_file: Option<PathBuf>,
 }
 
 /// The public listener's certificate and the CA its callers' certificates must chain to.
@@ -129,6 +166,13 @@ impl GatewayConfig {
             return Err(ConfigError::Invalid(format!(
                 "vault endpoint {bad} must be https:// (the vault speaks only mutual TLS)"
             )));
+        }
+        let lifecycle = &config.lifecycle;
+        if lifecycle.provisional_ttl_secs == 0
+            || lifecycle.sweep_interval_secs == 0
+            || lifecycle.sweep_batch == 0
+        {
+            return Err(ConfigError::Invalid("[lifecycle] values must be positive".into()));
         }
         if config.limits.concurrency == 0 || config.limits.request_timeout_secs == 0 {
             return Err(ConfigError::Invalid("[limits] values must be positive".into()));

@@ -40,7 +40,14 @@ async fn run(args: Args) -> Result<(), String> {
     // rustls needs one process-wide provider; Tessera uses ring everywhere.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = GatewayConfig::load(&args.config).map_err(|err| err.to_string())?;
-    let gateway = server::build(&config, Clock::system()).await?;
+    let clock = match &config.testing.clock_offset_file {
+        Some(path) => {
+            tracing::warn!(path = %path.display(), "TEST CLOCK IN USE: time is offset by the file's value");
+            Clock::from_offset_file(path.clone())
+        }
+        None => Clock::system(),
+    };
+    let gateway = server::build(&config, clock).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", config.listen))?;

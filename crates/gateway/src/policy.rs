@@ -12,12 +12,18 @@ use crate::error::ApiError;
 pub enum Operation {
     /// Create tokens.
     Tokenize,
-    /// Read token metadata (never card data).
+    /// Read token metadata and history (never card data).
     ReadMetadata,
-    /// Turn a token back into card data.
+    /// List a shopper's stored tokens (one-click).
+    List,
+    /// Turn a token back into card data for a cardholder-initiated payment.
     Detokenize,
-    /// Delete tokens.
+    /// Turn a token back into card data for a merchant-initiated payment.
+    DetokenizeMerchantInitiated,
+    /// Delete tokens (and discard provisional ones).
     Delete,
+    /// Extend a token's retention.
+    Extend,
 }
 
 impl Operation {
@@ -25,8 +31,11 @@ impl Operation {
         match self {
             Self::Tokenize => "tokenize",
             Self::ReadMetadata => "read_metadata",
+            Self::List => "list",
             Self::Detokenize => "detokenize",
+            Self::DetokenizeMerchantInitiated => "detokenize_merchant_initiated",
             Self::Delete => "delete",
+            Self::Extend => "extend",
         }
     }
 }

@@ -13,9 +13,11 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::api::{Gateway, TokenizationService};
 use crate::clock::Clock;
 use crate::config::GatewayConfig;
+use crate::floor::FloorService;
 use crate::keyring::KeyRing;
 use crate::policy::Policy;
 use crate::store::Store;
+use crate::sweeper;
 use crate::vault_client::VaultClient;
 
 /// Largest request the public API accepts; a card tokenize is well under 1 KiB.
@@ -33,6 +35,7 @@ pub async fn build(config: &GatewayConfig, clock: Clock) -> Result<Arc<Gateway>,
         vault,
         keys: KeyRing::default(),
         clock,
+        lifecycle: config.lifecycle.clone(),
     }))
 }
 
@@ -57,6 +60,10 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), String> {
+    tokio::spawn(sweeper::run(
+        Arc::downgrade(&gateway),
+        Duration::from_secs(config.lifecycle.sweep_interval_secs),
+    ));
     let tokenization =
         TokenizationServer::new(TokenizationService(gateway)).max_decoding_message_size(MAX_REQUEST_BYTES);
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -91,6 +98,8 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
+        // Only with `benchmark_floor = true`: the no-op relay `tessera bench` compares against.
+        .add_optional_service(FloorService::from_config(&config)?)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .map_err(|err| format!("gateway server failed: {err}"))

@@ -2,6 +2,8 @@
 //! written, so bad input changes nothing. The vault validates card data again on its side of
 //! the trust boundary; this copy exists so a refusal costs no vault round trip.
 
+use tessera_api::data_checks::{bic_valid, cvc_valid, email_valid, iban_valid, normalise_iban, phone_valid};
+
 use crate::error::ApiError;
 
 const MAX_ID_LEN: usize = 64;
@@ -129,6 +131,84 @@ fn holder_name(name: &str) -> Result<(), ApiError> {
             "card.holder_name",
             "INVALID_HOLDER_NAME",
             "holder_name must be at most 100 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a bank account: IBAN with valid check digits, optional BIC, printable holder name.
+pub fn bank_account(account: &tessera_api::v1::BankAccount) -> Result<(), ApiError> {
+    if account.iban.is_empty() {
+        return Err(ApiError::missing("bank_account.iban"));
+    }
+    if account.iban.len() > 64 || !iban_valid(&normalise_iban(&account.iban)) {
+        return Err(ApiError::invalid(
+            "bank_account.iban",
+            "INVALID_BANK_ACCOUNT",
+            "iban is not a valid IBAN",
+        ));
+    }
+    if !account.bic.trim().is_empty() && !bic_valid(account.bic.trim()) {
+        return Err(ApiError::invalid(
+            "bank_account.bic",
+            "INVALID_BANK_ACCOUNT",
+            "bic must be 8 or 11 characters",
+        ));
+    }
+    if account.holder_name.chars().count() > MAX_HOLDER_NAME_CHARS
+        || account.holder_name.chars().any(char::is_control)
+    {
+        return Err(ApiError::invalid(
+            "bank_account.holder_name",
+            "INVALID_BANK_ACCOUNT",
+            "holder_name must be at most 100 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks contact data: exactly one of an e-mail address or an E.164 phone number.
+pub fn contact(contact: &tessera_api::v1::Contact) -> Result<(), ApiError> {
+    let (email, phone) = (contact.email.trim(), contact.phone.trim());
+    let valid = match (email.is_empty(), phone.is_empty()) {
+        (false, true) => email_valid(email),
+        (true, false) => phone_valid(phone),
+        _ => false,
+    };
+    if !valid {
+        return Err(ApiError::invalid(
+            "contact",
+            "INVALID_CONTACT",
+            "contact must be one e-mail address or one E.164 phone number (+ and 8 to 15 digits)",
+        ));
+    }
+    Ok(())
+}
+
+/// An optional caller reference (e.g. a payment reference) kept in the journal: at most 128
+/// printable characters, and not something that looks like a card number.
+pub fn reference(field: &'static str, value: &str) -> Result<(), ApiError> {
+    let digits = value.bytes().filter(u8::is_ascii_digit).count();
+    if value.chars().count() > MAX_SHOPPER_REFERENCE_LEN
+        || value.chars().any(char::is_control)
+        || digits >= 12
+    {
+        return Err(ApiError::invalid(
+            field,
+            "INVALID_REFERENCE",
+            "references are at most 128 printable characters with fewer than 12 digits",
+        ));
+    }
+    Ok(())
+}
+
+/// A CVC is 3 or 4 digits.
+pub fn cvc(cvc: &str) -> Result<(), ApiError> {
+    if !cvc_valid(cvc) {
+        return Err(ApiError::invalid(
+            "cvc",
+            "INVALID_CVC",
+            "cvc must be 3 or 4 digits",
         ));
     }
     Ok(())

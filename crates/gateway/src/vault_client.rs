@@ -7,7 +7,7 @@ use tessera_api::error_details::decode_error_info;
 use tessera_api::vault::vault_client::VaultClient as GeneratedClient;
 use tessera_api::vault::{
     protect_result, reveal_result, CreateKeysRequest, ItemError, ProtectItem, ProtectRequest, Protected,
-    RevealItem, RevealRequest, WrappedKey,
+    RevealItem, RevealRequest, Revealed, WrappedKey,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
@@ -99,12 +99,20 @@ impl VaultClient {
         }
     }
 
+    /// Sends `payload` to the vault's no-op `Echo` and returns what came back: the vault hop
+    /// of the benchmark floor (crate::floor). The status is passed on as it is because the
+    /// floor measures the hop, not the gateway's error mapping.
+    pub async fn echo(&self, payload: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
+        let response = self
+            .inner
+            .clone()
+            .echo(tessera_api::vault::EchoRequest { payload })
+            .await?;
+        Ok(response.into_inner().payload)
+    }
+
     /// Reveals one record's card data.
-    pub async fn reveal(
-        &self,
-        keys: Vec<WrappedKey>,
-        item: RevealItem,
-    ) -> Result<tessera_api::vault::Card, ApiError> {
+    pub async fn reveal(&self, keys: Vec<WrappedKey>, item: RevealItem) -> Result<Revealed, ApiError> {
         let response = self
             .inner
             .clone()
@@ -121,7 +129,7 @@ impl VaultClient {
             .next()
             .and_then(|mut r| r.result.take())
         {
-            Some(reveal_result::Result::Card(card)) => Ok(card),
+            Some(reveal_result::Result::Revealed(revealed)) => Ok(revealed),
             Some(reveal_result::Result::Error(error)) => Err(item_error(error)),
             None => Err(ApiError::internal("VAULT_ERROR", "the vault returned no result")),
         }
@@ -139,6 +147,13 @@ fn item_error(error: ItemError) -> ApiError {
         "card.expiry_year" => Some("card.expiry_year"),
         "card.holder_name" => Some("card.holder_name"),
         "card" => Some("card"),
+        "cvc" => Some("cvc"),
+        "cvc_token" => Some("cvc_token"),
+        "bank_account.iban" => Some("bank_account.iban"),
+        "bank_account.bic" => Some("bank_account.bic"),
+        "bank_account.holder_name" => Some("bank_account.holder_name"),
+        "contact" => Some("contact"),
+        "data" => Some("data"),
         _ => None,
     };
     api

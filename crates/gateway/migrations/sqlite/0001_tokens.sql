@@ -4,43 +4,57 @@ CREATE TABLE merchant_keys (
     purpose     TEXT NOT NULL,          -- 'data' or 'fingerprint'
     version     INTEGER NOT NULL,
     blob        BLOB NOT NULL,
-    created_at  INTEGER NOT NULL,       -- Unix milliseconds
+    created_at  INTEGER NOT NULL,       -- Unix milliseconds, as every time here
     PRIMARY KEY (merchant_id, purpose, version)
 );
 
 -- One row per token. `ciphertext` and `fingerprint` are set to NULL when the token is
--- deleted: deletion destroys the data, not just a flag.
+-- deleted, expires or is consumed: deletion destroys the data, not just a flag. Card data
+-- is never here in clear, and a CVC is never here at all.
 CREATE TABLE tokens (
-    merchant_id             TEXT NOT NULL,
-    token                   TEXT NOT NULL,
-    format                  TEXT NOT NULL,   -- 'opaque' or 'format_preserving'
-    brand                   TEXT NOT NULL,
-    first_six               TEXT NOT NULL,
-    last_four               TEXT NOT NULL,
-    expiry_month            INTEGER NOT NULL,
-    expiry_year             INTEGER NOT NULL,
-    shopper_reference       TEXT NOT NULL DEFAULT '',
-    fingerprint             BLOB,
-    fingerprint_key_version INTEGER NOT NULL,
-    ciphertext              BLOB,
-    data_key_version        INTEGER NOT NULL,
-    status                  TEXT NOT NULL,   -- 'active' or 'deleted'
-    created_at              INTEGER NOT NULL,
-    deleted_at              INTEGER,
+    merchant_id               TEXT NOT NULL,
+    token                     TEXT NOT NULL,
+    kind                      TEXT NOT NULL,     -- card_on_file, recurrence, single_use
+    data_type                 TEXT NOT NULL,     -- card, bank_account, email, phone, cvc
+    format                    TEXT NOT NULL,     -- opaque, format_preserving
+    brand                     TEXT NOT NULL,
+    first_six                 TEXT NOT NULL,
+    last_four                 TEXT NOT NULL,
+    expiry_month              INTEGER NOT NULL,
+    expiry_year               INTEGER NOT NULL,
+    shopper_reference         TEXT NOT NULL,
+    fingerprint               BLOB,
+    fingerprint_key_version   INTEGER NOT NULL,
+    ciphertext                BLOB,
+    data_key_version          INTEGER NOT NULL,
+    holds_cvc                 INTEGER NOT NULL,  -- 1 while the vault may hold a CVC for it
+    status                    TEXT NOT NULL,     -- provisional, active, deleted, expired, consumed
+    created_at                INTEGER NOT NULL,
+    last_used_at              INTEGER,
+    ended_at                  INTEGER,           -- when it was deleted, expired or consumed
+    expires_at                INTEGER,           -- provisional or single-use deadline
+    retain_until              INTEGER NOT NULL,  -- the retention rules delete it after this
+    retention_extended_months INTEGER NOT NULL,
     PRIMARY KEY (merchant_id, token)
 );
 
-CREATE INDEX tokens_by_fingerprint ON tokens (merchant_id, fingerprint, shopper_reference);
+CREATE INDEX tokens_by_fingerprint ON tokens (merchant_id, fingerprint);
+-- One-click listing: a shopper's tokens, newest first.
+CREATE INDEX tokens_by_shopper ON tokens (merchant_id, shopper_reference, created_at, token);
+-- The sweeper's two scans.
+CREATE INDEX tokens_by_deadline ON tokens (status, expires_at);
+CREATE INDEX tokens_by_retention ON tokens (status, retain_until);
 
 -- Every operation on a token, without card data.
 CREATE TABLE journal (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     merchant_id TEXT NOT NULL,
     token       TEXT NOT NULL,
-    kind        TEXT NOT NULL,           -- TK, DT, DL, ...
+    kind        TEXT NOT NULL,           -- TK, DT, DL, CONFIRM, EXTEND, EXPIRE
     caller      TEXT NOT NULL,
     at          INTEGER NOT NULL,
-    detail      TEXT NOT NULL DEFAULT ''
+    purpose     TEXT NOT NULL,           -- INITIATOR/MODEL/INTERACTION for DT, else empty
+    detail      TEXT NOT NULL
 );
 
 CREATE INDEX journal_by_token ON journal (merchant_id, token, id);
