@@ -24,6 +24,9 @@ const SECRET_MESSAGES: &[&str] = &[
     ".tessera.vault.v1.SecretData",
     ".tessera.vault.v1.ProtectItem",
     ".tessera.vault.v1.Revealed",
+    // Master key shares of a sealed vault (Init's answer, Unseal's request).
+    ".tessera.vault.v1.InitResponse",
+    ".tessera.vault.v1.UnsealRequest",
 ];
 
 /// Requests that carry such data only inside secret messages, apart from a CVC the gateway

@@ -4,6 +4,7 @@
 //! caller's identity from its certificate, loading PEM files and encoding error details.
 #![forbid(unsafe_code)]
 
+pub mod audit_format;
 pub mod data_checks;
 pub mod error_details;
 pub mod identity;

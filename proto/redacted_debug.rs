@@ -28,6 +28,8 @@ redacted_debug! {
     "SecretData" => crate::vault::SecretData,
     "ProtectItem" => crate::vault::ProtectItem,
     "Revealed" => crate::vault::Revealed,
+    "InitResponse" => crate::vault::InitResponse,
+    "UnsealRequest" => crate::vault::UnsealRequest,
 }
 
 #[cfg(test)]

@@ -145,7 +145,10 @@ fn vault_dependency_tree_stays_small() {
     let deps = tree("tessera-vault");
     // Raise this only with a reason a compliance reviewer would accept, written in the vault's
     // Cargo.toml beside the new dependency.
-    const MAX_VAULT_PACKAGES: usize = 125;
+    // 125 -> 135: sealed start needs Shamir secret sharing from a maintained crate instead of
+    // hand-written field arithmetic; blahaj brings 8 small packages (rand 0.10, chacha20,
+    // hashbrown, ...). The heavier alternative, vsss-rs, pulls in elliptic-curve and bigint stacks.
+    const MAX_VAULT_PACKAGES: usize = 135;
     assert!(
         deps.len() <= MAX_VAULT_PACKAGES,
         "the vault now has {} packages: {deps:?}",

@@ -2,8 +2,10 @@
 //! the module that does the work.
 #![forbid(unsafe_code)]
 
+mod audit_verify;
 mod pki;
 mod stack;
+mod vault_admin;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,6 +31,16 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Operator tasks on a vault: init and unseal a sealed vault, seal it, show its status.
+    Vault {
+        #[command(subcommand)]
+        command: VaultCommand,
+    },
+    /// The vault's tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Start the local development stack (vault and gateway) and wait for Ctrl-C.
     Up {
         /// Directory for the generated configuration, the development master key and the database.
@@ -43,6 +55,60 @@ enum Command {
         /// Address the vault listens on.
         #[arg(long, default_value = "127.0.0.1:7443")]
         vault_addr: SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VaultCommand {
+    /// Create the master key inside a sealed vault and split it into key shares, one file per
+    /// custodian (mode 0600). Runs once per vault; the whole key is never written anywhere.
+    Init {
+        /// Number of shares (custodians), 2 to 255.
+        #[arg(long)]
+        shares: u32,
+        /// Shares needed to unseal, 2 to --shares.
+        #[arg(long)]
+        threshold: u32,
+        /// Where to write share-I-of-N.txt (created with mode 0700; must hold no share files).
+        #[arg(long)]
+        out_dir: PathBuf,
+        #[command(flatten)]
+        connection: vault_admin::VaultConnection,
+    },
+    /// Submit one custodian's key share to a sealed vault.
+    Unseal {
+        /// The custodian's share file from `tessera vault init`.
+        #[arg(long)]
+        share_file: PathBuf,
+        #[command(flatten)]
+        connection: vault_admin::VaultConnection,
+    },
+    /// Wipe a sealed-start vault's keys from memory until it is unsealed again.
+    Seal {
+        #[command(flatten)]
+        connection: vault_admin::VaultConnection,
+    },
+    /// Show the vault's seal, key, audit and hardening state (and the audit public key).
+    Status {
+        #[command(flatten)]
+        connection: vault_admin::VaultConnection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check a vault audit log offline: hash chain, block signatures, shutdown seal. Reports
+    /// the first break.
+    Verify {
+        /// The audit log file.
+        file: PathBuf,
+        /// The vault's audit public key: 64 hex digits, or a file holding them.
+        #[arg(long)]
+        public_key: String,
+        /// Accept a log without the shutdown seal at its end (a running vault's log); its
+        /// unsigned tail is reported instead.
+        #[arg(long)]
+        allow_open_tail: bool,
     },
 }
 
@@ -74,6 +140,15 @@ enum CertsCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Vault { command } => run_vault(command),
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    file,
+                    public_key,
+                    allow_open_tail,
+                },
+        } => audit_verify::run(&file, &public_key, allow_open_tail).map_err(Into::into),
         Command::Certs {
             command: CertsCommand::Init { dir, force },
         } => certs_init(&dir, force),
@@ -134,6 +209,29 @@ fn certs_client(dir: &Path, name: &str, identity: &str) -> Result<(), Box<dyn st
         println!("  {}", file.display());
     }
     println!("{DEV_ONLY_WARNING}");
+    Ok(())
+}
+
+fn run_vault(command: VaultCommand) -> Result<(), Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match command {
+            VaultCommand::Init {
+                shares,
+                threshold,
+                out_dir,
+                connection,
+            } => vault_admin::init(&connection, shares, threshold, &out_dir).await,
+            VaultCommand::Unseal {
+                share_file,
+                connection,
+            } => vault_admin::unseal(&connection, &share_file).await,
+            VaultCommand::Seal { connection } => vault_admin::seal(&connection).await,
+            VaultCommand::Status { connection } => vault_admin::status(&connection).await,
+        }
+    })?;
     Ok(())
 }
 

@@ -29,6 +29,35 @@ pub struct VaultConfig {
     /// Most CVCs held at once; beyond it new ones are refused.
     #[serde(default = "default_cvc_capacity")]
     pub cvc_capacity: usize,
+    /// The tamper-evident audit log; required in production mode.
+    #[serde(default)]
+    pub audit: Option<AuditConfig>,
+}
+
+/// Where and how the vault writes its audit log (see `audit.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The append-only log file; created on first start.
+    pub path: PathBuf,
+    /// A block is sealed (signed) after this many lines at the latest.
+    #[serde(default = "default_block_lines")]
+    pub block_lines: u64,
+    /// ... or after this many milliseconds, when the log is also flushed to disk (fsync).
+    #[serde(default = "default_seal_interval_ms")]
+    pub seal_interval_ms: u64,
+    /// Flush to disk (fsync) before answering every batch instead of once per interval:
+    /// nothing acknowledged is lost on power failure, at the cost of one disk flush per call.
+    #[serde(default)]
+    pub sync_every_batch: bool,
+}
+
+fn default_block_lines() -> u64 {
+    1000
+}
+
+fn default_seal_interval_ms() -> u64 {
+    1000
 }
 
 fn default_key_cache_capacity() -> usize {
@@ -76,7 +105,7 @@ pub struct ServerTls {
 pub enum Role {
     /// The gateway: create keys, protect and reveal card data.
     Gateway,
-    /// An operator: status (and, later, unseal).
+    /// An operator: status, and init, unseal and seal of a sealed vault.
     Operator,
 }
 
@@ -97,6 +126,16 @@ pub enum MasterKeyConfig {
         path: PathBuf,
         #[serde(default)]
         create_if_missing: bool,
+    },
+    /// Sealed start: the master key is created by `tessera vault init`, split into key shares,
+    /// and rebuilt in memory only when `threshold` custodians submit theirs after each start.
+    Sealed {
+        /// Public state written by Init: check values, share count and threshold. Never a key.
+        state_file: PathBuf,
+        /// Refuse a second share from the same operator identity (dual control enforced by
+        /// certificates, not only by procedure).
+        #[serde(default)]
+        distinct_custodians: bool,
     },
 }
 
@@ -148,6 +187,19 @@ impl VaultConfig {
         }
         if !(1..=86_400).contains(&config.cvc_ttl_secs) {
             return Err(ConfigError::Invalid("cvc_ttl_secs must be 1 to 86400".into()));
+        }
+        match &config.audit {
+            None if config.mode == Mode::Production => {
+                return Err(ConfigError::Invalid(
+                    "production mode requires an [audit] log (path = ...)".into(),
+                ))
+            }
+            Some(audit) if audit.block_lines == 0 || !(10..=60_000).contains(&audit.seal_interval_ms) => {
+                return Err(ConfigError::Invalid(
+                    "[audit] block_lines must be positive and seal_interval_ms 10 to 60000".into(),
+                ))
+            }
+            _ => {}
         }
         Ok(config)
     }
@@ -203,6 +255,41 @@ mod tests {
             VaultConfig::parse(&without_ca),
             Err(ConfigError::Parse(_))
         ));
+    }
+
+    #[test]
+    fn sealed_start_and_audit_parse() {
+        let text = EXAMPLE
+            .replace("source = \"development-file\"", "source = \"sealed\"")
+            .replace("path = \".tessera/dev-master-key\"", "state_file = \"seal.toml\"")
+            .replace("create_if_missing = true", "distinct_custodians = true")
+            + "[audit]\npath = \"audit.log\"\n";
+        let config = VaultConfig::parse(&text).map_err(|e| e.to_string());
+        assert!(
+            matches!(
+                &config,
+                Ok(VaultConfig {
+                    master_key: MasterKeyConfig::Sealed {
+                        distinct_custodians: true,
+                        ..
+                    },
+                    audit: Some(AuditConfig {
+                        block_lines: 1000,
+                        ..
+                    }),
+                    ..
+                })
+            ),
+            "{config:?}"
+        );
+    }
+
+    #[test]
+    fn production_requires_an_audit_log() {
+        let text = EXAMPLE.replace("mode = \"development\"", "mode = \"production\"");
+        assert!(matches!(VaultConfig::parse(&text), Err(ConfigError::Invalid(_))));
+        let with_audit = text + "[audit]\npath = \"audit.log\"\n";
+        assert!(VaultConfig::parse(&with_audit).is_ok());
     }
 
     #[test]

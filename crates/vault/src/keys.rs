@@ -216,6 +216,33 @@ impl MasterKey {
     }
 }
 
+impl MasterKey {
+    /// A 32-byte secret derived from the master key for one fixed purpose (HKDF-SHA-256 with
+    /// `label` as info), so a key such as the audit signing key needs no storage of its own: it
+    /// comes back with the master key and is gone when the master key is. Secret in, secret
+    /// out; different labels give independent keys.
+    pub(crate) fn derive_secret(&self, label: &[u8]) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, DERIVE_SALT).extract(self.key.expose());
+        let info = [label];
+        let okm = prk.expand(&info, DerivedLen).map_err(|_| KeyError::Crypto)?;
+        let mut out = Zeroizing::new([0u8; KEY_LEN]);
+        okm.fill(out.as_mut_slice()).map_err(|_| KeyError::Crypto)?;
+        Ok(out)
+    }
+}
+
+/// The salt of every key derived from the master key.
+const DERIVE_SALT: &[u8] = b"tessera/master-key-derive/v1";
+
+/// HKDF output length of a derived key.
+struct DerivedLen;
+
+impl ring::hkdf::KeyType for DerivedLen {
+    fn len(&self) -> usize {
+        KEY_LEN
+    }
+}
+
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MasterKey").finish_non_exhaustive()

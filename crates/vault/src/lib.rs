@@ -7,13 +7,16 @@
 //! - [`cvc`]: CVCs held in memory only, for a limited time, returned at most once.
 //! - [`record`]: AES-256-GCM record sealing bound to merchant, token and key version.
 //! - [`token`]: opaque and format-preserving token generation.
-//! - [`master_key`]: where the master key comes from (development file today).
+//! - [`master_key`]: where the master key comes from (development file).
+//! - [`sealing`]: sealed start: the master key split into Shamir shares, rebuilt at unseal.
+//! - [`audit`]: the hash-chained, block-signed audit log of every card-data and key operation.
 //! - [`hardening`]: no core dumps, no ptrace, locked memory.
 //! - [`config`], [`tls`]: the configuration file and the mutual-TLS listener setup.
 //! - [`service`]: the vault operations over batches, with caller authorisation.
 //! - [`grpc`]: a small gRPC-over-HTTP/2 server on mutual TLS that dispatches to [`service`].
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod card;
 pub mod config;
 pub mod cvc;
@@ -23,6 +26,7 @@ pub mod keys;
 pub mod master_key;
 pub mod payload;
 pub mod record;
+pub mod sealing;
 pub mod service;
 pub mod tls;
 pub mod token;

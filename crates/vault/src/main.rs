@@ -5,10 +5,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use tessera_vault::audit::AuditLog;
 use tessera_vault::config::{MasterKeyConfig, Mode, VaultConfig};
 use tessera_vault::hardening::{harden_process, is_debug_build};
 use tessera_vault::master_key::{DevelopmentKeyFile, MasterKeySource};
-use tessera_vault::service::{Vault, VaultFacts, VaultLimits};
+use tessera_vault::sealing::SealedStart;
+use tessera_vault::service::{KeySource, Vault, VaultFacts, VaultLimits};
 use tessera_vault::{grpc, tls};
 
 /// Tessera's vault: the only process that holds keys.
@@ -45,7 +47,8 @@ async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -
     if config.mode == Mode::Production && is_debug_build() {
         return Err("refusing to run a debug build in production mode; build with --release".into());
     }
-    let source: Box<dyn MasterKeySource> = match &config.master_key {
+    let tls = tls::server_config(&config.tls)?;
+    let (keys, source_name) = match &config.master_key {
         MasterKeyConfig::DevelopmentFile {
             path,
             create_if_missing,
@@ -53,31 +56,85 @@ async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -
             if config.mode == Mode::Production {
                 return Err("the development key file is not allowed in production mode".into());
             }
-            Box::new(DevelopmentKeyFile {
+            let source = DevelopmentKeyFile {
                 path: path.clone(),
                 create_if_missing: *create_if_missing,
-            })
+            };
+            let master = source
+                .load(&ring::rand::SystemRandom::new())
+                .map_err(|err| err.to_string())?;
+            tracing::info!(key_check_value = %master.key_check_value(), source = source.describe(), "master key loaded");
+            (KeySource::Loaded(master), source.describe())
+        }
+        MasterKeyConfig::Sealed {
+            state_file,
+            distinct_custodians,
+        } => {
+            let sealed =
+                SealedStart::open(state_file.clone(), *distinct_custodians).map_err(|err| err.to_string())?;
+            let status = sealed.status();
+            if status.initialized {
+                tracing::warn!(
+                    key_check_value = %status.key_check_value,
+                    threshold = status.threshold,
+                    shares = status.shares,
+                    "vault is SEALED: {} of {} custodians must run `tessera vault unseal`",
+                    status.threshold,
+                    status.shares
+                );
+            } else {
+                tracing::warn!("vault is SEALED and not initialised: run `tessera vault init`");
+            }
+            (KeySource::Sealed(sealed), "sealed (Shamir key shares)")
         }
     };
-    let tls = tls::server_config(&config.tls)?;
-    let master = source
-        .load(&ring::rand::SystemRandom::new())
-        .map_err(|err| err.to_string())?;
-    tracing::info!(key_check_value = %master.key_check_value(), source = source.describe(), "master key loaded");
+    let (audit, prior_log) = match &config.audit {
+        Some(audit) => AuditLog::open(audit),
+        None => {
+            tracing::warn!("no [audit] log configured: operations are NOT audited (development only)");
+            (AuditLog::disabled(), "disabled")
+        }
+    };
     let facts = VaultFacts {
         mode: config.mode,
-        master_key_source: source.describe(),
+        master_key_source: source_name,
         hardening,
     };
-    let vault = Arc::new(Vault::new(master, limits(&config), facts).map_err(|err| err.to_string())?);
+    let vault = Arc::new(Vault::new(keys, audit, limits(&config), facts).map_err(|err| err.to_string())?);
+    vault.record_start(prior_log);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", config.listen))?;
     tracing::info!(addr = %config.listen, mode = config.mode.as_str(), "vault listening (mutual TLS)");
     tokio::spawn(purge_cvcs(Arc::downgrade(&vault)));
-    grpc::serve(vault, config.roles(), tls, listener, shutdown_signal()).await;
+    if let Some(audit) = &config.audit {
+        let interval = std::time::Duration::from_millis(audit.seal_interval_ms);
+        tokio::spawn(seal_audit_blocks(Arc::downgrade(&vault), interval));
+    }
+    grpc::serve(
+        Arc::clone(&vault),
+        config.roles(),
+        tls,
+        listener,
+        shutdown_signal(),
+    )
+    .await;
+    // The shutdown seal: a log that does not end with it was cut short or its vault crashed.
+    let _ = tokio::task::spawn_blocking(move || vault.record_stop()).await;
     tracing::info!("vault stopped");
     Ok(())
+}
+
+/// Seals an audit block and flushes the log to disk every `interval`, on a blocking thread so
+/// the flush never stalls the runtime.
+async fn seal_audit_blocks(vault: std::sync::Weak<Vault>, interval: std::time::Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(vault) = vault.upgrade() else { return };
+        let _ = tokio::task::spawn_blocking(move || vault.audit_tick()).await;
+    }
 }
 
 fn limits(config: &VaultConfig) -> VaultLimits {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use ring::rand::SystemRandom;
 use std::time::{Duration, Instant};
@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 use tessera_api::data_checks::cvc_valid;
 use tessera_api::vault::{
     protect_result, reveal_result, CreateKeysRequest, CreateKeysResponse, DataFacts, EchoRequest,
-    EchoResponse, ItemError, KeyPurpose as ProtoPurpose, ProtectItem, ProtectRequest, ProtectResponse,
-    ProtectResult, Protected, RevealItem, RevealRequest, RevealResponse, RevealResult, Revealed,
-    StatusResponse, TokenFormat, WrappedKey,
+    EchoResponse, InitRequest, InitResponse, ItemError, KeyPurpose as ProtoPurpose, ProtectItem,
+    ProtectRequest, ProtectResponse, ProtectResult, Protected, RevealItem, RevealRequest, RevealResponse,
+    RevealResult, Revealed, SealResponse, StatusResponse, TokenFormat, UnsealRequest, UnsealResponse,
+    WrappedKey,
 };
 use zeroize::Zeroizing;
 
+use crate::audit::{AuditBatch, AuditLog, AuditSigner};
 use crate::card::today_utc;
 use crate::config::Mode;
 use crate::cvc::{CvcError, CvcStore};
@@ -24,6 +26,7 @@ use crate::hardening::{is_debug_build, HardeningReport};
 use crate::keys::{KeyCache, KeyError, KeyId, KeyPurpose, MasterKey};
 use crate::payload::{DataError, ValidData};
 use crate::record::{open_data, seal_data, NonceSequence, RecordAad, RecordError};
+use crate::sealing::{SealError, SealedStart, Submitted};
 use crate::token::{TokenError, TokenRandom};
 
 /// Most items one request may carry; bounds the work and memory of a single call.
@@ -36,8 +39,42 @@ pub mod code {
     pub const PERMISSION_DENIED: i32 = 7;
     pub const RESOURCE_EXHAUSTED: i32 = 8;
     pub const NOT_FOUND: i32 = 5;
+    pub const ALREADY_EXISTS: i32 = 6;
     pub const INTERNAL: i32 = 13;
+    pub const UNAVAILABLE: i32 = 14;
     pub const DATA_LOSS: i32 = 15;
+}
+
+/// Data operations while no master key is loaded. The gateway maps the reason to its own
+/// UNAVAILABLE/`VAULT_SEALED`.
+const SEALED: VaultError = VaultError::new(
+    code::UNAVAILABLE,
+    "VAULT_SEALED",
+    "the vault is sealed; operators must unseal it",
+);
+
+/// Card-data operations while the audit log cannot be written: fail closed.
+const AUDIT_UNAVAILABLE: VaultError = VaultError::new(
+    code::UNAVAILABLE,
+    "AUDIT_UNAVAILABLE",
+    "the vault cannot write its audit log; card-data operations are refused (see its log and status)",
+);
+
+impl From<&SealError> for VaultError {
+    fn from(err: &SealError) -> Self {
+        let code = match err {
+            SealError::Malformed
+            | SealError::WrongVault
+            | SealError::InvalidShare
+            | SealError::BadParameters => code::INVALID_ARGUMENT,
+            SealError::DuplicateShare | SealError::AlreadyInitialized => code::ALREADY_EXISTS,
+            SealError::NotInitialized | SealError::AlreadyUnsealed | SealError::SameCustodian => {
+                code::FAILED_PRECONDITION
+            }
+            _ => code::INTERNAL,
+        };
+        VaultError::new(code, err.reason(), err.message())
+    }
 }
 
 /// A whole request refused. The message is fixed text: never card data or key bytes.
@@ -85,14 +122,32 @@ pub struct VaultLimits {
     pub cvc_capacity: usize,
 }
 
-/// The vault: master key, key cache, CVC store, nonce sequence, random source.
-pub struct Vault {
+/// Where the master key comes from at start.
+#[derive(Debug)]
+pub enum KeySource {
+    /// Already loaded (the development key file).
+    Loaded(MasterKey),
+    /// Sealed start: nothing is loaded until custodians unseal with key shares.
+    Sealed(SealedStart),
+}
+
+/// The keys of an unsealed vault: dropped (and wiped) as one on Seal.
+struct Unsealed {
     master: MasterKey,
     cache: KeyCache,
+}
+
+/// The vault: master key and key cache (while unsealed), CVC store, nonce sequence, random
+/// source, audit log.
+pub struct Vault {
+    keys: RwLock<Option<Arc<Unsealed>>>,
+    sealed_start: Option<SealedStart>,
     cvcs: CvcStore,
     nonces: NonceSequence,
     rng: SystemRandom,
     facts: VaultFacts,
+    limits: VaultLimits,
+    audit: AuditLog,
 }
 
 impl fmt::Debug for Vault {
@@ -176,20 +231,103 @@ fn missing_key(what: &str) -> ItemError {
     )
 }
 
+fn signer_for(master: &MasterKey) -> Result<Arc<AuditSigner>, VaultError> {
+    AuditSigner::from_master(master).map(Arc::new).map_err(|_| {
+        VaultError::new(
+            code::INTERNAL,
+            "AUDIT_KEY_FAILED",
+            "the audit signing key could not be derived",
+        )
+    })
+}
+
 impl Vault {
-    pub fn new(master: MasterKey, limits: VaultLimits, facts: VaultFacts) -> Result<Self, VaultError> {
+    pub fn new(
+        source: KeySource,
+        audit: AuditLog,
+        limits: VaultLimits,
+        facts: VaultFacts,
+    ) -> Result<Self, VaultError> {
         let rng = SystemRandom::new();
         let nonces = NonceSequence::new(&rng).map_err(|_| {
             VaultError::new(code::INTERNAL, "RANDOM_FAILED", "the system random source failed")
         })?;
+        let (keys, sealed_start) = match source {
+            KeySource::Loaded(master) => {
+                audit.set_signer(Some(signer_for(&master)?));
+                let cache = KeyCache::new(limits.key_cache_capacity);
+                (Some(Arc::new(Unsealed { master, cache })), None)
+            }
+            KeySource::Sealed(sealed) => (None, Some(sealed)),
+        };
         Ok(Self {
-            master,
-            cache: KeyCache::new(limits.key_cache_capacity),
+            keys: RwLock::new(keys),
+            sealed_start,
             cvcs: CvcStore::new(limits.cvc_ttl, limits.cvc_capacity),
             nonces,
             rng,
             facts,
+            limits,
+            audit,
         })
+    }
+
+    /// The loaded keys, or `VAULT_SEALED`.
+    fn unsealed(&self) -> Result<Arc<Unsealed>, VaultError> {
+        // The guarded value is one `Option` replaced whole; a panic cannot leave it torn.
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(SEALED)
+    }
+
+    /// The prologue of every card-data or key operation: unsealed, and the audit log writable.
+    fn ready(&self) -> Result<Arc<Unsealed>, VaultError> {
+        let keys = self.unsealed()?;
+        self.audit.check().map_err(|_| AUDIT_UNAVAILABLE)?;
+        Ok(keys)
+    }
+
+    /// Writes a call's audit records; on failure the call's result must not be handed out.
+    fn commit(&self, batch: &AuditBatch) -> Result<(), VaultError> {
+        self.audit.append(batch).map_err(|_| AUDIT_UNAVAILABLE)
+    }
+
+    /// The first audit record of a run: how the vault started and how the last run left the log.
+    pub fn record_start(&self, prior_log: &str) {
+        let mut batch = self.audit.batch("");
+        batch.record(
+            "vault-start",
+            "ok",
+            &[
+                ("mode", self.facts.mode.as_str()),
+                ("master_key_source", self.facts.master_key_source),
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("prior_log", prior_log),
+            ],
+        );
+        let _ = self.audit.append(&batch);
+    }
+
+    /// The last audit record of a run, and the shutdown seal.
+    pub fn record_stop(&self) {
+        let mut batch = self.audit.batch("");
+        batch.record("vault-stop", "ok", &[]);
+        let _ = self.audit.append(&batch);
+        self.audit.finish();
+    }
+
+    /// A call refused before it reached an operation (identity or role not allowed).
+    pub fn record_refusal(&self, caller: &str, method: &str, reason: &str) {
+        let mut batch = self.audit.batch(caller);
+        batch.record("refused", reason, &[("method", method)]);
+        let _ = self.audit.append(&batch);
+    }
+
+    /// Seals a block if anything is unsigned and flushes the audit log to disk.
+    pub fn audit_tick(&self) {
+        self.audit.tick();
     }
 
     /// Wipes CVCs whose time ran out; the server calls this periodically.
@@ -198,7 +336,12 @@ impl Vault {
     }
 
     /// Creates a merchant's data and fingerprint keys; only their wrapped blobs leave.
-    pub fn create_keys(&self, request: &CreateKeysRequest) -> Result<CreateKeysResponse, VaultError> {
+    pub fn create_keys(
+        &self,
+        caller: &str,
+        request: &CreateKeysRequest,
+    ) -> Result<CreateKeysResponse, VaultError> {
+        let keys = self.ready()?;
         if request.merchant_id.is_empty() || request.merchant_id.len() > 64 {
             return Err(VaultError::new(
                 code::INVALID_ARGUMENT,
@@ -219,14 +362,14 @@ impl Vault {
                 purpose,
                 version,
             };
-            let blob = self.master.create_key(&id, &self.rng).map_err(|_| {
+            let blob = keys.master.create_key(&id, &self.rng).map_err(|_| {
                 VaultError::new(
                     code::INTERNAL,
                     "KEY_CREATION_FAILED",
                     "the key could not be created",
                 )
             })?;
-            Ok(WrappedKey {
+            Ok::<_, VaultError>(WrappedKey {
                 merchant_id: id.merchant_id,
                 purpose: proto as i32,
                 version,
@@ -239,6 +382,20 @@ impl Vault {
             ProtoPurpose::Fingerprint,
             request.fingerprint_key_version,
         )?;
+        let mut batch = self.audit.batch(caller);
+        batch.record(
+            "create-keys",
+            "ok",
+            &[
+                ("merchant", &request.merchant_id),
+                ("data_key_version", &request.data_key_version.to_string()),
+                (
+                    "fingerprint_key_version",
+                    &request.fingerprint_key_version.to_string(),
+                ),
+            ],
+        );
+        self.commit(&batch)?;
         tracing::info!(merchant_id = %request.merchant_id, "created merchant keys");
         Ok(CreateKeysResponse {
             data_key: Some(data_key),
@@ -247,8 +404,10 @@ impl Vault {
     }
 
     /// Validates, tokenizes, fingerprints and seals each item.
-    pub fn protect(&self, request: &ProtectRequest) -> Result<ProtectResponse, VaultError> {
+    pub fn protect(&self, caller: &str, request: &ProtectRequest) -> Result<ProtectResponse, VaultError> {
         check_batch(request.items.len())?;
+        let keys = self.ready()?;
+        let mut batch = self.audit.batch(caller);
         let mut random = TokenRandom::for_batch(&self.rng, request.items.len()).map_err(|_| {
             VaultError::new(code::INTERNAL, "RANDOM_FAILED", "the system random source failed")
         })?;
@@ -257,18 +416,39 @@ impl Vault {
             .items
             .iter()
             .map(|item| {
-                let result = match self.protect_item(&request.keys, item, &mut random, today) {
-                    Ok(protected) => protect_result::Result::Protected(protected),
-                    Err(error) => protect_result::Result::Error(error),
+                let result = match self.protect_item(&keys, &request.keys, item, &mut random, today) {
+                    Ok(protected) => {
+                        let data = protected
+                            .facts
+                            .as_ref()
+                            .map_or("", |facts| facts.data_type.as_str());
+                        batch.record(
+                            "protect",
+                            "ok",
+                            &[
+                                ("merchant", &item.merchant_id),
+                                ("token", &protected.token),
+                                ("data", data),
+                                ("cvc", if protected.holds_cvc { "held" } else { "" }),
+                            ],
+                        );
+                        protect_result::Result::Protected(protected)
+                    }
+                    Err(error) => {
+                        batch.record("protect", &error.reason, &[("merchant", &item.merchant_id)]);
+                        protect_result::Result::Error(error)
+                    }
                 };
                 ProtectResult { result: Some(result) }
             })
             .collect();
+        self.commit(&batch)?;
         Ok(ProtectResponse { results })
     }
 
     fn protect_item(
         &self,
+        unsealed: &Unsealed,
         keys: &[WrappedKey],
         item: &ProtectItem,
         random: &mut TokenRandom,
@@ -310,7 +490,7 @@ impl Vault {
         }
         .map_err(|err| ItemError::from(&err))?;
         let mut protected = match &data {
-            Some(data) => self.seal_item(keys, &item.merchant_id, &token, data)?,
+            Some(data) => self.seal_item(unsealed, keys, &item.merchant_id, &token, data)?,
             // A CVC-only token: nothing is sealed or stored, the CVC lives in memory only.
             None => Protected {
                 token: token.clone(),
@@ -332,6 +512,7 @@ impl Vault {
 
     fn seal_item(
         &self,
+        unsealed: &Unsealed,
         keys: &[WrappedKey],
         merchant_id: &str,
         token: &str,
@@ -341,18 +522,18 @@ impl Vault {
             newest_key(keys, merchant_id, ProtoPurpose::Data).ok_or_else(|| missing_key("data"))?;
         let wrapped_fingerprint = newest_key(keys, merchant_id, ProtoPurpose::Fingerprint)
             .ok_or_else(|| missing_key("fingerprint"))?;
-        let data_key = self
+        let data_key = unsealed
             .cache
             .data_key(
-                &self.master,
+                &unsealed.master,
                 &key_id(wrapped_data, KeyPurpose::Data),
                 &wrapped_data.blob,
             )
             .map_err(|err| ItemError::from(&err))?;
-        let fingerprint_key = self
+        let fingerprint_key = unsealed
             .cache
             .fingerprint_key(
-                &self.master,
+                &unsealed.master,
                 &key_id(wrapped_fingerprint, KeyPurpose::Fingerprint),
                 &wrapped_fingerprint.blob,
             )
@@ -376,25 +557,50 @@ impl Vault {
     }
 
     /// Opens each record and returns its card data.
-    pub fn reveal(&self, request: &RevealRequest) -> Result<RevealResponse, VaultError> {
+    pub fn reveal(&self, caller: &str, request: &RevealRequest) -> Result<RevealResponse, VaultError> {
         check_batch(request.items.len())?;
+        let unsealed = self.ready()?;
         let keys = index_keys(&request.keys);
+        let mut batch = self.audit.batch(caller);
         let results = request
             .items
             .iter()
             .map(|item| {
-                let result = match self.reveal_item(&keys, item) {
+                let outcome = self.reveal_item(&unsealed, &keys, item);
+                let (result, cvc) = match &outcome {
+                    Ok(revealed) => ("ok", if revealed.cvc.is_empty() { "" } else { "revealed" }),
+                    Err(error) => (error.reason.as_str(), ""),
+                };
+                let version = if item.ciphertext.is_empty() {
+                    String::new()
+                } else {
+                    item.data_key_version.to_string()
+                };
+                batch.record(
+                    "reveal",
+                    result,
+                    &[
+                        ("merchant", &item.merchant_id),
+                        ("token", &item.token),
+                        ("cvc_token", &item.cvc_token),
+                        ("data_key_version", &version),
+                        ("cvc", cvc),
+                    ],
+                );
+                let result = match outcome {
                     Ok(revealed) => reveal_result::Result::Revealed(revealed),
                     Err(error) => reveal_result::Result::Error(error),
                 };
                 RevealResult { result: Some(result) }
             })
             .collect();
+        self.commit(&batch)?;
         Ok(RevealResponse { results })
     }
 
     fn reveal_item(
         &self,
+        unsealed: &Unsealed,
         keys: &HashMap<(&str, i32, u32), &WrappedKey>,
         item: &RevealItem,
     ) -> Result<Revealed, ItemError> {
@@ -408,9 +614,13 @@ impl Vault {
                     item.data_key_version,
                 ))
                 .ok_or_else(|| missing_key("data"))?;
-            let data_key = self
+            let data_key = unsealed
                 .cache
-                .data_key(&self.master, &key_id(wrapped, KeyPurpose::Data), &wrapped.blob)
+                .data_key(
+                    &unsealed.master,
+                    &key_id(wrapped, KeyPurpose::Data),
+                    &wrapped.blob,
+                )
                 .map_err(|err| ItemError::from(&err))?;
             let aad = RecordAad {
                 merchant_id: &item.merchant_id,
@@ -451,29 +661,238 @@ impl Vault {
         })
     }
 
-    /// Answers the floor benchmark's echo at once.
-    pub fn echo(&self, request: &EchoRequest) -> EchoResponse {
-        EchoResponse {
+    /// Answers the floor benchmark's echo at once (refused while sealed, like every data call).
+    pub fn echo(&self, request: &EchoRequest) -> Result<EchoResponse, VaultError> {
+        self.unsealed()?;
+        Ok(EchoResponse {
             payload: request.payload.clone(),
+        })
+    }
+
+    fn sealed_start(&self) -> Result<&SealedStart, VaultError> {
+        self.sealed_start.as_ref().ok_or(VaultError::new(
+            code::FAILED_PRECONDITION,
+            "NOT_A_SEALED_VAULT",
+            "this vault does not use a sealed start ([master_key] source = \"sealed\")",
+        ))
+    }
+
+    /// Creates the master key of a sealed vault and returns its shares, once. The vault stays
+    /// sealed: custodians unseal it with their shares, proving they work before any data is
+    /// encrypted under the key.
+    pub fn init(&self, caller: &str, request: &InitRequest) -> Result<InitResponse, VaultError> {
+        let sealed = self.sealed_start()?;
+        self.audit.check().map_err(|_| AUDIT_UNAVAILABLE)?;
+        let outcome = sealed.initialize(request.shares, request.threshold, &self.rng, |master| {
+            signer_for(master)
+                .map(|signer| signer.public_key_hex().to_owned())
+                .map_err(|_| SealError::Random)
+        });
+        let mut batch = self.audit.batch(caller);
+        let shares = request.shares.to_string();
+        let threshold = request.threshold.to_string();
+        match outcome {
+            Ok(initialized) => {
+                batch.record(
+                    "init",
+                    "ok",
+                    &[
+                        ("shares", &shares),
+                        ("threshold", &threshold),
+                        ("kcv", &initialized.state.key_check_value),
+                    ],
+                );
+                // The key now exists only in these shares: hand them out even if the audit log
+                // failed just now (it is then unavailable and refuses every card-data call).
+                if self.commit(&batch).is_err() {
+                    tracing::error!("the init record could not be written to the audit log");
+                }
+                tracing::info!(
+                    key_check_value = %initialized.state.key_check_value,
+                    shares = request.shares,
+                    threshold = request.threshold,
+                    "sealed vault initialised; shares handed out once, master key wiped"
+                );
+                Ok(InitResponse {
+                    shares: initialized
+                        .shares
+                        .iter()
+                        .map(|share| share.as_str().to_owned())
+                        .collect(),
+                    key_check_value: initialized.state.key_check_value.clone(),
+                    threshold: initialized.state.threshold,
+                    audit_public_key: initialized.state.audit_public_key.clone(),
+                })
+            }
+            Err(err) => {
+                if let SealError::State(why) = &err {
+                    tracing::error!(%why, "sealed vault init failed");
+                }
+                batch.record(
+                    "init",
+                    err.reason(),
+                    &[("shares", &shares), ("threshold", &threshold)],
+                );
+                let _ = self.commit(&batch);
+                Err(VaultError::from(&err))
+            }
         }
     }
 
-    /// The vault's key and hardening state, for operators.
+    /// Takes one custodian's share; unseals when the threshold is reached.
+    pub fn unseal(&self, caller: &str, request: &UnsealRequest) -> Result<UnsealResponse, VaultError> {
+        let sealed = self.sealed_start()?;
+        if self.unsealed().is_ok() {
+            return Err(VaultError::from(&SealError::AlreadyUnsealed));
+        }
+        self.audit.check().map_err(|_| AUDIT_UNAVAILABLE)?;
+        let mut batch = self.audit.batch(caller);
+        let outcome = sealed.submit(caller, &request.share);
+        let status = sealed.status();
+        match outcome {
+            Ok(Submitted::Progress {
+                have,
+                threshold,
+                index,
+            }) => {
+                let progress = format!("{have}/{threshold}");
+                batch.record(
+                    "unseal-share",
+                    "accepted",
+                    &[("share", &index.to_string()), ("progress", &progress)],
+                );
+                self.commit(&batch)?;
+                tracing::info!(
+                    caller,
+                    share = index,
+                    progress,
+                    "key share accepted; still sealed"
+                );
+                Ok(UnsealResponse {
+                    sealed: true,
+                    progress: have,
+                    threshold,
+                    key_check_value: status.key_check_value,
+                })
+            }
+            Ok(Submitted::Unsealed {
+                key,
+                threshold,
+                index,
+            }) => {
+                let signer = signer_for(&key)?;
+                let kcv = key.key_check_value();
+                let cache = KeyCache::new(self.limits.key_cache_capacity);
+                *self.keys.write().unwrap_or_else(PoisonError::into_inner) =
+                    Some(Arc::new(Unsealed { master: key, cache }));
+                let progress = format!("{threshold}/{threshold}");
+                batch.record(
+                    "unseal-share",
+                    "accepted",
+                    &[("share", &index.to_string()), ("progress", &progress)],
+                );
+                batch.record("unseal", "ok", &[("kcv", &kcv)]);
+                let committed = self.commit(&batch);
+                self.audit.set_signer(Some(signer));
+                // Sign what was recorded while sealed (start, unseal attempts) right away.
+                self.audit.tick();
+                committed?;
+                tracing::info!(key_check_value = %kcv, "vault unsealed");
+                Ok(UnsealResponse {
+                    sealed: false,
+                    progress: 0,
+                    threshold,
+                    key_check_value: kcv,
+                })
+            }
+            Err(err) => {
+                batch.record(
+                    "unseal-share",
+                    err.reason(),
+                    &[("progress", &status.progress.to_string())],
+                );
+                let _ = self.commit(&batch);
+                tracing::warn!(
+                    caller,
+                    reason = err.reason(),
+                    progress = status.progress,
+                    "key share refused"
+                );
+                Err(VaultError::from(&err))
+            }
+        }
+    }
+
+    /// Wipes the master key, the key cache and held CVCs; the vault is sealed until unsealed
+    /// again with the threshold of shares. Allowed even when the audit log is down: it only
+    /// reduces what the vault can do.
+    pub fn seal(&self, caller: &str) -> Result<SealResponse, VaultError> {
+        let sealed = self.sealed_start()?;
+        let previous = self.keys.write().unwrap_or_else(PoisonError::into_inner).take();
+        sealed.reset();
+        // No clear() on the CVC store: purging as of a moment past the longest TTL wipes all.
+        let far = Instant::now()
+            .checked_add(self.limits.cvc_ttl * 2 + Duration::from_secs(1))
+            .unwrap_or_else(Instant::now);
+        let wiped = self.cvcs.purge_expired(far);
+        let mut batch = self.audit.batch(caller);
+        let outcome = if previous.is_some() {
+            "ok"
+        } else {
+            "already-sealed"
+        };
+        batch.record("seal", outcome, &[("cvcs_wiped", &wiped.to_string())]);
+        let _ = self.commit(&batch);
+        // Signs the block (including the seal record) with the key that is going away.
+        self.audit.set_signer(None);
+        drop(previous);
+        tracing::warn!(caller, cvcs_wiped = wiped, "vault sealed by an operator");
+        Ok(SealResponse {})
+    }
+
+    /// The vault's key, seal, audit and hardening state, for operators.
     pub fn status(&self) -> StatusResponse {
         let hardening = &self.facts.hardening;
+        let keys = self.unsealed().ok();
+        let seal = self
+            .sealed_start
+            .as_ref()
+            .map(SealedStart::status)
+            .unwrap_or_default();
+        let audit = self.audit.status();
         StatusResponse {
             mode: self.facts.mode.as_str().to_owned(),
             master_key_source: self.facts.master_key_source.to_owned(),
-            master_key_loaded: true,
+            master_key_loaded: keys.is_some(),
             core_dumps_disabled: hardening.core_dumps_disabled,
             ptrace_attach_blocked: hardening.ptrace_attach_blocked,
             memory_locked: hardening.memory_locked,
             memory_lock_error: hardening.memory_lock_error.clone(),
             debug_build: is_debug_build(),
-            cached_keys: u32::try_from(self.cache.len()).unwrap_or(u32::MAX),
+            cached_keys: keys
+                .as_ref()
+                .map_or(0, |keys| u32::try_from(keys.cache.len()).unwrap_or(u32::MAX)),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            master_key_check_value: self.master.key_check_value(),
+            master_key_check_value: keys
+                .as_ref()
+                .map_or(seal.key_check_value, |keys| keys.master.key_check_value()),
             held_cvcs: u32::try_from(self.cvcs.len()).unwrap_or(u32::MAX),
+            sealed: keys.is_none(),
+            initialized: seal.initialized || self.sealed_start.is_none(),
+            unseal_progress: seal.progress,
+            unseal_threshold: seal.threshold,
+            unseal_shares: seal.shares,
+            audit_state: audit.state.to_owned(),
+            audit_error: audit.error,
+            audit_path: audit.path,
+            audit_lines: audit.lines,
+            audit_head: audit.head,
+            audit_unsigned: audit.unsigned,
+            audit_public_key: if audit.public_key.is_empty() {
+                seal.audit_public_key
+            } else {
+                audit.public_key
+            },
         }
     }
 }

@@ -1,0 +1,652 @@
+//! Sealed start: split knowledge and dual control over the master key.
+//!
+//! `Init` creates the master key in this process, splits it with Shamir secret sharing
+//! (`blahaj`, GF(256), one polynomial per key byte) into `shares` shares of which any
+//! `threshold` rebuild it, and hands each share out once. The vault keeps only public values in
+//! a small state file: the master key's check value, the counts, and a SHA-256 digest of each
+//! share. The master key itself is never written anywhere and is wiped right after Init: the
+//! vault stays sealed until custodians prove their shares work by unsealing it.
+//!
+//! `Unseal` checks every share on arrival against its digest, so a wrong, corrupted or
+//! foreign share is refused at once and never mixed with the honest custodians' shares: it
+//! cannot wipe or poison their progress. A repeated share (same index) is refused the same way.
+//! When `threshold` valid shares are held they are combined, the result is checked against the
+//! key check value, and the shares are wiped. Shares live only in zeroizing memory; a restart
+//! (or `Seal`) starts over.
+//!
+//! The digests reveal nothing usable: fewer than `threshold` shares leave every byte of any
+//! other share uniformly random, so a digest cannot be inverted by search.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use ring::rand::SecureRandom;
+use serde::{Deserialize, Serialize};
+use tessera_api::audit_format::{decode_hex, hex, push_hex};
+use zeroize::Zeroizing;
+
+use crate::keys::{MasterKey, SecretKey, KEY_LEN};
+
+/// First word of every share line, naming the format.
+pub const SHARE_PREFIX: &str = "tessera-share-v1";
+/// Domain label of the per-share digests in the state file.
+const SHARE_DIGEST_LABEL: &[u8] = b"tessera/key-share-digest/v1";
+/// The state file's format number.
+const STATE_FORMAT: u32 = 1;
+/// Most shares GF(256) allows: x = 1..=255.
+pub const MAX_SHARES: u32 = 255;
+
+/// A sealed-start operation that cannot be done. Never contains share or key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SealError {
+    /// Init has not run: there is no key to unseal.
+    NotInitialized,
+    /// Init already ran: the vault refuses to create a second master key.
+    AlreadyInitialized,
+    /// The vault is already unsealed.
+    AlreadyUnsealed,
+    /// Share count or threshold outside 2 <= threshold <= shares <= 255.
+    BadParameters,
+    /// The text is not a share line.
+    Malformed,
+    /// The share belongs to another master key (its check value differs).
+    WrongVault,
+    /// The share does not match any share this vault issued.
+    InvalidShare,
+    /// This share was already submitted.
+    DuplicateShare,
+    /// This operator identity already submitted a share (`distinct_custodians`).
+    SameCustodian,
+    /// Valid shares combined to a key with another check value: the state file was altered.
+    Inconsistent,
+    /// The state file could not be read or written.
+    State(String),
+    /// The system random source failed.
+    Random,
+}
+
+impl SealError {
+    /// The `ErrorInfo` reason a client can branch on.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotInitialized => "NOT_INITIALIZED",
+            Self::AlreadyInitialized => "ALREADY_INITIALIZED",
+            Self::AlreadyUnsealed => "ALREADY_UNSEALED",
+            Self::BadParameters => "INVALID_SHARE_PARAMETERS",
+            Self::Malformed => "MALFORMED_SHARE",
+            Self::WrongVault => "WRONG_VAULT_SHARE",
+            Self::InvalidShare => "INVALID_SHARE",
+            Self::DuplicateShare => "DUPLICATE_SHARE",
+            Self::SameCustodian => "SAME_CUSTODIAN",
+            Self::Inconsistent => "SEAL_STATE_INCONSISTENT",
+            Self::State(_) => "SEAL_STATE_UNAVAILABLE",
+            Self::Random => "RANDOM_FAILED",
+        }
+    }
+}
+
+impl SealError {
+    /// A fixed message for the caller (the state file's detail goes to the vault's log only).
+    pub fn message(&self) -> &'static str {
+        match self {
+            Self::NotInitialized => "the vault is not initialised; run `tessera vault init` first",
+            Self::AlreadyInitialized => "the vault is already initialised; its master key exists",
+            Self::AlreadyUnsealed => "the vault is already unsealed",
+            Self::BadParameters => "threshold must be at least 2 and at most shares, shares at most 255",
+            Self::Malformed => "this is not a key share (expected a tessera-share-v1 line)",
+            Self::WrongVault => "this share belongs to another master key (its check value differs)",
+            Self::InvalidShare => {
+                "this share is not one this vault issued (wrong or corrupted); progress is kept"
+            }
+            Self::DuplicateShare => "this share was already submitted; progress is kept",
+            Self::SameCustodian => {
+                "this operator already submitted a share; another custodian must submit the next"
+            }
+            Self::Inconsistent => {
+                "the shares rebuild a key with another check value; the seal state file was altered"
+            }
+            Self::State(_) => "the seal state file cannot be used; see the vault's log",
+            Self::Random => "the system random source failed",
+        }
+    }
+}
+
+impl fmt::Display for SealError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::State(why) => write!(f, "seal state file: {why}"),
+            other => f.write_str(other.message()),
+        }
+    }
+}
+
+impl std::error::Error for SealError {}
+
+/// The public state of an initialised sealed vault, as stored in the state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealState {
+    pub format: u32,
+    /// The master key's check value (`MasterKey::key_check_value`).
+    pub key_check_value: String,
+    pub threshold: u32,
+    pub shares: u32,
+    /// SHA-256 (hex) of each share, labelled and bound to the key check value; index i-1 holds
+    /// share i's digest.
+    pub share_digests: Vec<String>,
+    /// The Ed25519 public key that signs the audit log (hex), for operators to publish.
+    pub audit_public_key: String,
+}
+
+impl SealState {
+    fn load(path: &Path) -> Result<Option<SealState>, SealError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(SealError::State(format!("cannot read {}: {err}", path.display()))),
+        };
+        let state: SealState = toml::from_str(&text)
+            .map_err(|err| SealError::State(format!("{} does not parse: {err}", path.display())))?;
+        let share_count = usize::try_from(state.shares).unwrap_or(usize::MAX);
+        if state.format != STATE_FORMAT
+            || !(2..=state.shares).contains(&state.threshold)
+            || state.shares > MAX_SHARES
+            || state.share_digests.len() != share_count
+        {
+            return Err(SealError::State(format!("{} is inconsistent", path.display())));
+        }
+        Ok(Some(state))
+    }
+
+    /// Writes the state file once: a temporary file is completed and flushed, then hard-linked
+    /// to its name, which fails if the name exists, so a second Init can never replace it.
+    fn store(&self, path: &Path) -> Result<(), SealError> {
+        let io =
+            |what: &str, err: std::io::Error| SealError::State(format!("{what} {}: {err}", path.display()));
+        let text = toml::to_string(self).map_err(|err| SealError::State(err.to_string()))?;
+        let text = format!(
+            "# Tessera sealed-vault state. PUBLIC values only: no key, no share.\n\
+             # Written once by `tessera vault init`; delete it only to re-initialise (a new master\n\
+             # key, after which nothing encrypted under the old one can be read).\n{text}"
+        );
+        let dir = path
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|err| io("cannot create the directory of", err))?;
+        let temporary = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&temporary);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temporary)
+            .map_err(|err| io("cannot write next to", err))?;
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|err| io("cannot write next to", err))?;
+        let linked = std::fs::hard_link(&temporary, path);
+        let _ = std::fs::remove_file(&temporary);
+        linked.map_err(|err| io("cannot create", err))?;
+        if let Ok(dir) = std::fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}
+
+/// One share as submitted: its index (x) and the 32 share bytes (y), in zeroizing memory.
+struct ShareValue {
+    index: u8,
+    value: Zeroizing<[u8; KEY_LEN]>,
+}
+
+impl ShareValue {
+    /// Parses `tessera-share-v1 <kcv> <index> <64 hex>`; returns the check value too.
+    fn parse(text: &str) -> Result<(ShareValue, &str), SealError> {
+        let line = text
+            .lines()
+            .map(str::trim)
+            .find(|line| line.starts_with(SHARE_PREFIX))
+            .ok_or(SealError::Malformed)?;
+        let mut words = line.split_ascii_whitespace();
+        let (Some(SHARE_PREFIX), Some(kcv), Some(index), Some(value), None) = (
+            words.next(),
+            words.next(),
+            words.next(),
+            words.next(),
+            words.next(),
+        ) else {
+            return Err(SealError::Malformed);
+        };
+        let index: u8 = index.parse().map_err(|_| SealError::Malformed)?;
+        if index == 0 {
+            return Err(SealError::Malformed);
+        }
+        let value = Zeroizing::new(decode_hex::<KEY_LEN>(value).ok_or(SealError::Malformed)?);
+        Ok((ShareValue { index, value }, kcv))
+    }
+
+    fn line(&self, kcv: &str) -> Zeroizing<String> {
+        let mut line = Zeroizing::new(String::with_capacity(128));
+        line.push_str(SHARE_PREFIX);
+        line.push(' ');
+        line.push_str(kcv);
+        line.push(' ');
+        line.push_str(&self.index.to_string());
+        line.push(' ');
+        push_hex(&mut line, self.value.as_slice());
+        line
+    }
+
+    fn digest(&self, kcv: &str) -> String {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(SHARE_DIGEST_LABEL);
+        context.update(kcv.as_bytes());
+        context.update(&[self.index]);
+        context.update(self.value.as_slice());
+        hex(context.finish().as_ref())
+    }
+}
+
+/// Adapts ring's `SecureRandom` to the RNG traits blahaj takes. rand's traits cannot report
+/// failure, so a failed fill sets `failed` (and yields zeros), and the caller throws away
+/// everything produced once it is set.
+struct RingRng<'a> {
+    rng: &'a dyn SecureRandom,
+    failed: bool,
+}
+
+impl rand_core::TryRng for RingRng<'_> {
+    type Error = Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        let mut bytes = [0u8; 4];
+        self.try_fill_bytes(&mut bytes)?;
+        Ok(u32::from_le_bytes(bytes))
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
+        let mut bytes = [0u8; 8];
+        self.try_fill_bytes(&mut bytes)?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
+        if self.rng.fill(dst).is_err() {
+            self.failed = true;
+            dst.fill(0);
+        }
+        Ok(())
+    }
+}
+
+impl rand_core::TryCryptoRng for RingRng<'_> {}
+
+/// What Init hands out, once.
+pub struct Initialized {
+    /// One share line per custodian.
+    pub shares: Vec<Zeroizing<String>>,
+    pub state: SealState,
+}
+
+impl fmt::Debug for Initialized {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Initialized")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of one accepted share.
+#[derive(Debug)]
+pub enum Submitted {
+    /// More shares are needed.
+    Progress { have: u32, threshold: u32, index: u8 },
+    /// The threshold was reached: the rebuilt master key.
+    Unsealed {
+        key: MasterKey,
+        threshold: u32,
+        index: u8,
+    },
+}
+
+/// Shares received so far, by index, and who sent each.
+#[derive(Default)]
+struct Progress {
+    shares: BTreeMap<u8, ShareValue>,
+    custodians: BTreeMap<u8, String>,
+}
+
+struct Inner {
+    state: Option<SealState>,
+    progress: Progress,
+}
+
+/// The sealed-start state machine of one vault process.
+pub struct SealedStart {
+    state_file: PathBuf,
+    distinct_custodians: bool,
+    inner: Mutex<Inner>,
+}
+
+impl fmt::Debug for SealedStart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealedStart")
+            .field("state_file", &self.state_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Public facts for the Status RPC.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SealStatus {
+    pub initialized: bool,
+    pub progress: u32,
+    pub threshold: u32,
+    pub shares: u32,
+    pub key_check_value: String,
+    pub audit_public_key: String,
+}
+
+impl SealedStart {
+    /// Reads the public state file, if Init already ran.
+    pub fn open(state_file: PathBuf, distinct_custodians: bool) -> Result<SealedStart, SealError> {
+        let state = SealState::load(&state_file)?;
+        Ok(SealedStart {
+            state_file,
+            distinct_custodians,
+            inner: Mutex::new(Inner {
+                state,
+                progress: Progress::default(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The guarded data stays consistent across a panic (every update is one assignment).
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn status(&self) -> SealStatus {
+        let inner = self.lock();
+        match &inner.state {
+            None => SealStatus::default(),
+            Some(state) => SealStatus {
+                initialized: true,
+                progress: u32::try_from(inner.progress.shares.len()).unwrap_or(u32::MAX),
+                threshold: state.threshold,
+                shares: state.shares,
+                key_check_value: state.key_check_value.clone(),
+                audit_public_key: state.audit_public_key.clone(),
+            },
+        }
+    }
+
+    /// Creates the master key, splits it, writes the public state file and returns the shares.
+    /// `audit_public_key` computes the audit key's public half from the new master key.
+    pub fn initialize(
+        &self,
+        shares: u32,
+        threshold: u32,
+        rng: &dyn SecureRandom,
+        audit_public_key: impl FnOnce(&MasterKey) -> Result<String, SealError>,
+    ) -> Result<Initialized, SealError> {
+        if !(2..=shares).contains(&threshold) || shares > MAX_SHARES {
+            return Err(SealError::BadParameters);
+        }
+        let threshold_u8 = u8::try_from(threshold).map_err(|_| SealError::BadParameters)?;
+        let count = usize::try_from(shares).map_err(|_| SealError::BadParameters)?;
+        let mut inner = self.lock();
+        // A state file that appeared behind our back (another process) counts too.
+        if inner.state.is_some() || self.state_file.exists() {
+            return Err(SealError::AlreadyInitialized);
+        }
+        let mut secret = Zeroizing::new([0u8; KEY_LEN]);
+        rng.fill(secret.as_mut_slice()).map_err(|_| SealError::Random)?;
+        let mut source = RingRng { rng, failed: false };
+        let dealt: Vec<blahaj::Share> = blahaj::Sharks(threshold_u8)
+            .dealer_rng(secret.as_slice(), &mut source)
+            .take(count)
+            .collect();
+        if source.failed {
+            return Err(SealError::Random);
+        }
+        let master = MasterKey::new(SecretKey::from_bytes(secret));
+        let kcv = master.key_check_value();
+        let audit_public_key = audit_public_key(&master)?;
+        drop(master);
+        let mut values = Vec::with_capacity(count);
+        for share in &dealt {
+            let bytes = Zeroizing::new(Vec::from(share));
+            let (index, value) = bytes.split_first().ok_or(SealError::Random)?;
+            let value: &[u8; KEY_LEN] = value.try_into().map_err(|_| SealError::Random)?;
+            values.push(ShareValue {
+                index: *index,
+                value: Zeroizing::new(*value),
+            });
+        }
+        let state = SealState {
+            format: STATE_FORMAT,
+            key_check_value: kcv.clone(),
+            threshold,
+            shares,
+            share_digests: values.iter().map(|share| share.digest(&kcv)).collect(),
+            audit_public_key,
+        };
+        state.store(&self.state_file)?;
+        inner.state = Some(state.clone());
+        Ok(Initialized {
+            shares: values.iter().map(|share| share.line(&kcv)).collect(),
+            state,
+        })
+    }
+
+    /// Takes one share from `custodian`. Refused shares leave the progress untouched.
+    pub fn submit(&self, custodian: &str, text: &str) -> Result<Submitted, SealError> {
+        let mut inner = self.lock();
+        let Inner { state, progress } = &mut *inner;
+        let state = state.as_ref().ok_or(SealError::NotInitialized)?;
+        let (share, kcv) = ShareValue::parse(text)?;
+        if kcv != state.key_check_value {
+            return Err(SealError::WrongVault);
+        }
+        let expected = state
+            .share_digests
+            .get(usize::from(share.index) - 1)
+            .ok_or(SealError::InvalidShare)?;
+        // A plain comparison: timing can at most reveal how much of a public digest matched.
+        if share.digest(kcv) != *expected {
+            return Err(SealError::InvalidShare);
+        }
+        if progress.shares.contains_key(&share.index) {
+            return Err(SealError::DuplicateShare);
+        }
+        if self.distinct_custodians && progress.custodians.values().any(|who| who == custodian) {
+            return Err(SealError::SameCustodian);
+        }
+        let index = share.index;
+        progress.custodians.insert(index, custodian.to_owned());
+        progress.shares.insert(index, share);
+        let have = u32::try_from(progress.shares.len()).unwrap_or(u32::MAX);
+        if have < state.threshold {
+            return Ok(Submitted::Progress {
+                have,
+                threshold: state.threshold,
+                index,
+            });
+        }
+        let key = combine(progress.shares.values(), state);
+        // Whatever the outcome, the shares have done their work: wipe them. (Every one was
+        // checked on arrival, so a failure here means the state file itself was altered.)
+        *progress = Progress::default();
+        let key = key?;
+        Ok(Submitted::Unsealed {
+            key,
+            threshold: state.threshold,
+            index,
+        })
+    }
+
+    /// Forgets every share received so far (on Seal, or when the vault unsealed another way).
+    pub fn reset(&self) {
+        self.lock().progress = Progress::default();
+    }
+}
+
+/// Rebuilds the master key from `threshold` checked shares and confirms its check value.
+fn combine<'a>(
+    shares: impl Iterator<Item = &'a ShareValue>,
+    state: &SealState,
+) -> Result<MasterKey, SealError> {
+    let shares = shares
+        .map(|share| {
+            let mut bytes = Zeroizing::new(Vec::with_capacity(1 + KEY_LEN));
+            bytes.push(share.index);
+            bytes.extend_from_slice(share.value.as_slice());
+            blahaj::Share::try_from(bytes.as_slice())
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| SealError::Inconsistent)?;
+    let threshold = u8::try_from(state.threshold).map_err(|_| SealError::Inconsistent)?;
+    let secret = Zeroizing::new(
+        blahaj::Sharks(threshold)
+            .recover(&shares)
+            .map_err(|_| SealError::Inconsistent)?,
+    );
+    let bytes: &[u8; KEY_LEN] = secret
+        .as_slice()
+        .try_into()
+        .map_err(|_| SealError::Inconsistent)?;
+    let key = MasterKey::new(SecretKey::from_bytes(Zeroizing::new(*bytes)));
+    if key.key_check_value() != state.key_check_value {
+        return Err(SealError::Inconsistent);
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )]
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tessera-seal-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("seal.toml")
+    }
+
+    fn init(name: &str, shares: u32, threshold: u32) -> (SealedStart, Initialized) {
+        let sealed = SealedStart::open(scratch(name), false).unwrap();
+        let initialized = sealed
+            .initialize(shares, threshold, &ring::rand::SystemRandom::new(), |_| {
+                Ok("pk".into())
+            })
+            .unwrap();
+        (sealed, initialized)
+    }
+
+    fn kcv_of(submitted: Submitted) -> String {
+        match submitted {
+            Submitted::Unsealed { key, .. } => key.key_check_value(),
+            Submitted::Progress { .. } => panic!("still sealed"),
+        }
+    }
+
+    #[test]
+    fn any_threshold_shares_unseal_and_fewer_do_not() {
+        let (sealed, init) = init("any", 5, 3);
+        let kcv = init.state.key_check_value.clone();
+        for combination in [[0, 1, 2], [4, 2, 0], [1, 3, 4]] {
+            for (n, i) in combination.iter().enumerate() {
+                let outcome = sealed.submit("op", &init.shares[*i]).unwrap();
+                if n < 2 {
+                    assert!(
+                        matches!(outcome, Submitted::Progress { have, threshold: 3, .. } if have == n as u32 + 1)
+                    );
+                } else {
+                    assert_eq!(kcv_of(outcome), kcv);
+                }
+            }
+        }
+        // Restarting reads the public state back; no share or key is in it.
+        let reopened = SealedStart::open(sealed.state_file.clone(), false).unwrap();
+        assert_eq!(reopened.status().threshold, 3);
+        let text = std::fs::read_to_string(&sealed.state_file).unwrap();
+        for share in &init.shares {
+            let value = share.split_whitespace().last().unwrap();
+            assert!(!text.contains(value));
+        }
+        std::fs::remove_dir_all(sealed.state_file.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn bad_and_repeated_shares_keep_progress() {
+        let (sealed, init) = init("bad", 5, 3);
+        sealed.submit("a", &init.shares[0]).unwrap();
+        // One flipped digit: refused, progress kept.
+        let mut wrong = init.shares[1].to_string();
+        let last = wrong.pop().unwrap();
+        wrong.push(if last == '0' { '1' } else { '0' });
+        assert_eq!(sealed.submit("b", &wrong).unwrap_err(), SealError::InvalidShare);
+        assert_eq!(
+            sealed.submit("a", &init.shares[0]).unwrap_err(),
+            SealError::DuplicateShare
+        );
+        assert_eq!(sealed.submit("a", "hello").unwrap_err(), SealError::Malformed);
+        let foreign = init.shares[2].replace(&init.state.key_check_value, "0000000000000000");
+        assert_eq!(sealed.submit("c", &foreign).unwrap_err(), SealError::WrongVault);
+        assert_eq!(sealed.status().progress, 1);
+        sealed.submit("b", &init.shares[1]).unwrap();
+        let kcv = kcv_of(sealed.submit("c", &init.shares[2]).unwrap());
+        assert_eq!(kcv, init.state.key_check_value);
+        std::fs::remove_dir_all(sealed.state_file.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn init_runs_once_and_checks_parameters() {
+        let (sealed, _) = init("once", 3, 2);
+        let rng = ring::rand::SystemRandom::new();
+        let again = sealed.initialize(3, 2, &rng, |_| Ok(String::new()));
+        assert_eq!(again.unwrap_err(), SealError::AlreadyInitialized);
+        let other = SealedStart::open(scratch("params"), false).unwrap();
+        for (shares, threshold) in [(3, 1), (2, 3), (256, 2)] {
+            let result = other.initialize(shares, threshold, &rng, |_| Ok(String::new()));
+            assert_eq!(result.unwrap_err(), SealError::BadParameters);
+        }
+        std::fs::remove_dir_all(sealed.state_file.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn distinct_custodians_are_enforced_when_configured() {
+        let path = scratch("custodians");
+        let sealed = SealedStart::open(path.clone(), true).unwrap();
+        let init = sealed
+            .initialize(3, 2, &ring::rand::SystemRandom::new(), |_| Ok(String::new()))
+            .unwrap();
+        sealed.submit("alice", &init.shares[0]).unwrap();
+        assert_eq!(
+            sealed.submit("alice", &init.shares[1]).unwrap_err(),
+            SealError::SameCustodian
+        );
+        kcv_of(sealed.submit("bob", &init.shares[1]).unwrap());
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn debug_prints_no_share() {
+        let (sealed, init) = init("debug", 2, 2);
+        let printed = format!("{init:?} {sealed:?}");
+        assert!(!printed.contains(SHARE_PREFIX), "{printed}");
+        std::fs::remove_dir_all(sealed.state_file.parent().unwrap()).unwrap();
+    }
+}
