@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "proto/tessera/v1/tessera.proto",
     "proto/tessera/vault/v1/vault.proto",
     "proto/google/rpc/status.proto",
+    "proto/tessera/bench/v1/floor.proto",
 ];
 
 /// Messages that carry card data, bank data, contact data or a CVC: they (and the oneofs

@@ -28,12 +28,19 @@ mod generated {
                 include!(concat!(env!("OUT_DIR"), "/tessera.vault.v1.rs"));
             }
         }
+        pub mod bench {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/tessera.bench.v1.rs"));
+            }
+        }
     }
 }
 
 pub use generated::google::rpc;
 pub use generated::tessera::v1;
 pub use generated::tessera::vault::v1 as vault;
+/// The benchmark floor (`tessera.bench.v1.Floor`), served only when the gateway enables it.
+pub use generated::tessera::bench::v1 as bench;
 
 /// The encoded `FileDescriptorSet` of every Tessera proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tessera_descriptor.bin"));
