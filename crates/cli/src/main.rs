@@ -3,6 +3,11 @@
 #![forbid(unsafe_code)]
 
 mod audit_verify;
+mod bench;
+mod bench_cards;
+mod bench_load;
+mod bench_report;
+mod bench_stack;
 mod pki;
 mod stack;
 mod vault_admin;
@@ -56,6 +61,8 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7443")]
         vault_addr: SocketAddr,
     },
+    /// Load-test the gateway and compare it with a no-op floor (see docs/benchmarks.md).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,6 +176,7 @@ fn main() -> ExitCode {
             };
             run_up(&options)
         }
+        Command::Bench(args) => run_bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -239,6 +247,11 @@ fn run_up(options: &stack::UpOptions) -> Result<(), Box<dyn std::error::Error>> 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(stack::up(options))?;
     Ok(())
+}
+
+fn run_bench(args: bench::BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(bench::run(args))
 }
 
 #[cfg(test)]

@@ -421,7 +421,7 @@ async fn locate_binaries() -> Result<Binaries, StackError> {
     if workspace.join("Cargo.toml").is_file() {
         command.current_dir(&workspace);
     }
-    println!(
+    eprintln!(
         "{} is not built yet; running cargo build -p {VAULT_BINARY} -p {GATEWAY_BINARY}",
         absent.display()
     );
@@ -467,6 +467,8 @@ fn remove_cargo_run_env(command: &mut Command) {
 struct Children {
     vault: Option<Child>,
     gateway: Option<Child>,
+    /// Where the children write `NAME.log`; `None`: to this process's terminal.
+    log_dir: Option<PathBuf>,
 }
 
 impl Children {
@@ -482,10 +484,18 @@ impl Children {
                 return Err(StackError::AddressInUse { name, addr });
             }
         }
-        let vault = spawn(&binaries.vault, &layout.vault_config_path())?;
+        let vault = spawn(
+            &binaries.vault,
+            &layout.vault_config_path(),
+            self.log_dir.as_deref(),
+        )?;
         let vault = self.vault.insert(vault);
         wait_until_listening(VAULT_BINARY, vault, layout.vault_addr).await?;
-        let gateway = spawn(&binaries.gateway, &layout.gateway_config_path())?;
+        let gateway = spawn(
+            &binaries.gateway,
+            &layout.gateway_config_path(),
+            self.log_dir.as_deref(),
+        )?;
         let gateway = self.gateway.insert(gateway);
         wait_until_listening(GATEWAY_BINARY, gateway, layout.gateway_addr).await
     }
@@ -515,13 +525,64 @@ impl Children {
     }
 }
 
-fn spawn(binary: &Path, config: &Path) -> Result<Child, StackError> {
+/// A stack started for another command (`tessera bench --start`) rather than for a person: the
+/// children write `tessera-vault.log` and `tessera-gateway.log` into the state directory
+/// instead of this terminal, nothing is printed on stdout, and it runs until [`Self::stop`]
+/// rather than until a signal. The caller writes the configuration files first.
+#[derive(Debug)]
+pub struct BackgroundStack {
+    children: Children,
+}
+
+impl BackgroundStack {
+    /// Starts the vault and then the gateway from the configuration files in `layout.state_dir`.
+    pub async fn start(layout: &StackLayout) -> Result<Self, StackError> {
+        let binaries = locate_binaries().await?;
+        let mut children = Children {
+            log_dir: Some(layout.state_dir.clone()),
+            ..Children::default()
+        };
+        if let Err(err) = children.start(&binaries, layout).await {
+            children.stop().await;
+            return Err(err);
+        }
+        Ok(Self { children })
+    }
+
+    /// Process ids of the vault and the gateway, for reading their CPU use.
+    pub fn pids(&self) -> (Option<u32>, Option<u32>) {
+        (
+            self.children.vault.as_ref().and_then(Child::id),
+            self.children.gateway.as_ref().and_then(Child::id),
+        )
+    }
+
+    /// Stops the gateway, then the vault.
+    pub async fn stop(mut self) {
+        self.children.stop().await;
+    }
+}
+
+fn spawn(binary: &Path, config: &Path, log_dir: Option<&Path>) -> Result<Child, StackError> {
+    let (stdout, stderr) = match log_dir {
+        Some(dir) => {
+            let name = binary.file_name().unwrap_or(OsStr::new("child"));
+            let path = dir.join(name).with_extension("log");
+            let log = std::fs::File::create(&path)
+                .map_err(io_error(format!("cannot create {}", path.display())))?;
+            let log_err = log
+                .try_clone()
+                .map_err(io_error(format!("cannot open {}", path.display())))?;
+            (Stdio::from(log), Stdio::from(log_err))
+        }
+        None => (Stdio::inherit(), Stdio::inherit()),
+    };
     Command::new(binary)
         .arg("--config")
         .arg(config)
         .stdin(Stdio::null())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
+        .stdout(stdout)
+        .stderr(stderr)
         // Own process group: a terminal Ctrl-C reaches only this process, which then stops
         // the gateway before the vault instead of both dying at once in arbitrary order.
         .process_group(0)
@@ -561,7 +622,7 @@ async fn wait_until_listening(
 /// SIGTERM, then up to [`STOP_TIMEOUT`] for a clean exit, then SIGKILL.
 async fn terminate(name: &'static str, mut child: Child) {
     if let Ok(Some(status)) = child.try_wait() {
-        println!("{name} had already exited ({status})");
+        eprintln!("{name} had already exited ({status})");
         return;
     }
     // The PID cannot have been reused: tokio reaps a child only in `wait`/`try_wait`, and
@@ -576,7 +637,7 @@ async fn terminate(name: &'static str, mut child: Child) {
         }
     }
     match timeout(STOP_TIMEOUT, child.wait()).await {
-        Ok(Ok(status)) => println!("{name} stopped ({status})"),
+        Ok(Ok(status)) => eprintln!("{name} stopped ({status})"),
         Ok(Err(err)) => eprintln!("waiting for {name}: {err}"),
         Err(_) => {
             eprintln!(
