@@ -414,6 +414,7 @@ impl Gateway {
                 ciphertext: Some(protected.ciphertext).filter(|c| !c.is_empty()),
                 data_key_version: protected.data_key_version,
                 holds_cvc: protected.holds_cvc,
+                cvc_vault: String::new(),
                 status: if request.provisional {
                     STATUS_PROVISIONAL
                 } else {

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod floor;
+pub mod group_commit;
 pub mod keyring;
 pub mod policy;
 pub mod purpose;

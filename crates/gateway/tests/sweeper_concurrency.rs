@@ -1,6 +1,11 @@
 //! Two gateways sweeping one database at once expire each due token exactly once: one state
 //! change and one EXPIRE journal entry per token, whoever gets there first.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use tessera_gateway::store::{JournalEntry, Store, TokenRecord, STATUS_ACTIVE};
 
@@ -22,6 +27,7 @@ fn due_record(index: usize) -> TokenRecord {
         ciphertext: Some(vec![2; 64]),
         data_key_version: 1,
         holds_cvc: false,
+        cvc_vault: String::new(),
         status: STATUS_ACTIVE.into(),
         created_at: 0,
         last_used_at: None,
@@ -63,14 +69,30 @@ async fn two_sweepers_expire_each_token_once() {
         }
         total
     };
-    let (a, b) = tokio::join!(tokio::spawn(sweep(first.clone(), "gateway-a")), tokio::spawn(sweep(second, "gateway-b")));
+    let (a, b) = tokio::join!(
+        tokio::spawn(sweep(first.clone(), "gateway-a")),
+        tokio::spawn(sweep(second, "gateway-b"))
+    );
     let (a, b) = (a.unwrap(), b.unwrap());
-    assert_eq!(a + b, TOKENS, "every due token expired once (a swept {a}, b swept {b})");
+    assert_eq!(
+        a + b,
+        TOKENS,
+        "every due token expired once (a swept {a}, b swept {b})"
+    );
     for index in 0..TOKENS {
         let token = due_record(index).token;
-        let expiries = first.history("m1", &token).await.unwrap().into_iter().filter(|e| e.kind == "EXPIRE").count();
+        let expiries = first
+            .history("m1", &token)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "EXPIRE")
+            .count();
         assert_eq!(expiries, 1, "{token}");
         let record = first.token("m1", &token).await.unwrap().unwrap();
-        assert_eq!((record.status.as_str(), record.ciphertext, record.fingerprint), ("expired", None, None));
+        assert_eq!(
+            (record.status.as_str(), record.ciphertext, record.fingerprint),
+            ("expired", None, None)
+        );
     }
 }

@@ -28,6 +28,7 @@ CREATE TABLE tokens (
     ciphertext                BLOB,
     data_key_version          INTEGER NOT NULL,
     holds_cvc                 INTEGER NOT NULL,  -- 1 while the vault may hold a CVC for it
+    cvc_vault                 TEXT NOT NULL,     -- the vault endpoint holding that CVC
     status                    TEXT NOT NULL,     -- provisional, active, deleted, expired, consumed
     created_at                INTEGER NOT NULL,
     last_used_at              INTEGER,
@@ -58,3 +59,11 @@ CREATE TABLE journal (
 );
 
 CREATE INDEX journal_by_token ON journal (merchant_id, token, id);
+
+-- Leases for background jobs, so several gateways sharing a database never run the same job
+-- at the same time.
+CREATE TABLE job_leases (
+    job         TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    lease_until INTEGER NOT NULL
+);

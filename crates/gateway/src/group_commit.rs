@@ -1,0 +1,456 @@
+//! Group commit: every write of every concurrent request goes through a queue, and a writer
+//! commits whatever has queued up as one transaction. A request is answered only after the
+//! transaction holding its write is durable, so throughput is bounded by the disk's commit
+//! rate divided by the batch size, not by one commit per request. A batch that fails as a whole
+//! is retried op by op, so one bad write never fails its neighbours.
+
+use std::fmt;
+use std::sync::Arc;
+
+use sqlx::{AnyPool, Row};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::clock::UnixMillis;
+use crate::store::{
+    apply_transition, insert_journal, select_token, Backend, StoreError, StoredKey, TokenRecord, Transition,
+    Tx, STATUS_ACTIVE, STATUS_CONSUMED, TOKEN_COLUMNS, TOKEN_COLUMN_COUNT,
+};
+
+/// Most writes one transaction carries; bounds the latency a batch adds and the statement size.
+const MAX_BATCH: usize = 512;
+/// Rows per multi-row INSERT: 24 columns × 256 rows stays well under SQLite's 32766 and
+/// PostgreSQL's 65535 bind parameters.
+const ROWS_PER_INSERT: usize = 256;
+/// Writes waiting for a writer; past this, requests wait to enqueue (back-pressure).
+const QUEUE_DEPTH: usize = 8192;
+
+/// A journal entry owned by a queued write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Journal {
+    pub merchant_id: String,
+    pub token: String,
+    pub kind: &'static str,
+    pub caller: String,
+    pub at: UnixMillis,
+    pub purpose: String,
+    pub detail: String,
+}
+
+impl From<&crate::store::JournalEntry<'_>> for Journal {
+    fn from(entry: &crate::store::JournalEntry<'_>) -> Self {
+        Self {
+            merchant_id: entry.merchant_id.to_owned(),
+            token: entry.token.to_owned(),
+            kind: entry.kind,
+            caller: entry.caller.to_owned(),
+            at: entry.at,
+            purpose: entry.purpose.to_owned(),
+            detail: entry.detail.to_owned(),
+        }
+    }
+}
+
+/// One write of one request.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Store wrapped keys unless present.
+    InsertKeys { keys: Vec<StoredKey>, at: UnixMillis },
+    /// Insert a token and its TK entry; a duplicate token inserts nothing.
+    InsertToken {
+        record: Box<TokenRecord>,
+        journal: Journal,
+    },
+    /// Change a token's state if it is in one of the expected states, and journal it.
+    Transition { change: Transition, journal: Journal },
+    /// Record a detokenize (see `Store::record_use`).
+    RecordUse {
+        journal: Journal,
+        consume: bool,
+        retain_until: Option<UnixMillis>,
+        cvc_token: Option<String>,
+    },
+    /// Extend retention within the cap.
+    Extend {
+        journal: Journal,
+        months: u32,
+        retain_until: UnixMillis,
+        cap: u32,
+    },
+}
+
+/// What a write did.
+#[derive(Debug, Clone)]
+pub enum WriteReply {
+    Done,
+    /// `false` when the token already existed.
+    Inserted(bool),
+    /// The record after the change; `None` when the change did not apply.
+    Record(Option<Box<TokenRecord>>),
+    /// `false` when the token stopped being usable first.
+    Used(bool),
+}
+
+struct Pending {
+    op: WriteOp,
+    reply: oneshot::Sender<Result<WriteReply, StoreError>>,
+}
+
+/// The handle requests write through; cheap to clone.
+#[derive(Clone)]
+pub struct GroupCommit {
+    queue: mpsc::Sender<Pending>,
+}
+
+impl fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GroupCommit").finish_non_exhaustive()
+    }
+}
+
+impl GroupCommit {
+    /// Starts the writers: one for SQLite (it has one writer anyway), a few for PostgreSQL so
+    /// one batch's commit overlaps the next batch's statements.
+    pub async fn start(pool: AnyPool, backend: Backend) -> Result<Self, StoreError> {
+        let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
+        let receiver = Arc::new(Mutex::new(receiver));
+        let writers = match backend {
+            Backend::Sqlite => 1,
+            Backend::Postgres => 4,
+        };
+        for _ in 0..writers {
+            tokio::spawn(writer(pool.clone(), Arc::clone(&receiver)));
+        }
+        Ok(Self { queue })
+    }
+
+    /// Queues `op` and waits until the transaction carrying it is committed.
+    pub async fn write(&self, op: WriteOp) -> Result<WriteReply, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Pending { op, reply })
+            .await
+            .map_err(|_| StoreError::Query("the writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Query("the writer dropped the write".into()))?
+    }
+}
+
+async fn writer(pool: AnyPool, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>) {
+    loop {
+        let batch = {
+            let mut receiver = receiver.lock().await;
+            let Some(first) = receiver.recv().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match receiver.try_recv() {
+                    Ok(pending) => batch.push(pending),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        commit(&pool, batch).await;
+    }
+}
+
+async fn commit(pool: &AnyPool, batch: Vec<Pending>) {
+    let ops: Vec<&WriteOp> = batch.iter().map(|pending| &pending.op).collect();
+    match run(pool, &ops).await {
+        Ok(replies) => {
+            for (pending, reply) in batch.into_iter().zip(replies) {
+                let _ = pending.reply.send(Ok(reply));
+            }
+        }
+        Err(err) if batch.len() > 1 => {
+            tracing::warn!(error = %err, writes = batch.len(), "group commit failed; retrying each write alone");
+            for pending in batch {
+                let reply = run(pool, &[&pending.op]).await.and_then(|mut replies| {
+                    replies.pop().ok_or_else(|| StoreError::Query("no reply".into()))
+                });
+                let _ = pending.reply.send(reply);
+            }
+        }
+        Err(err) => {
+            for pending in batch {
+                let _ = pending.reply.send(Err(StoreError::Query(err.to_string())));
+            }
+        }
+    }
+}
+
+/// Runs `ops` in one transaction and commits it; replies in `ops` order.
+async fn run(pool: &AnyPool, ops: &[&WriteOp]) -> Result<Vec<WriteReply>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let mut replies: Vec<Option<WriteReply>> = vec![None; ops.len()];
+    // Token inserts of the whole batch go in multi-row statements: two round trips for the
+    // batch instead of two per token.
+    let inserts: Vec<(usize, &TokenRecord, &Journal)> = ops
+        .iter()
+        .enumerate()
+        .filter_map(|(index, op)| match op {
+            WriteOp::InsertToken { record, journal } => Some((index, record.as_ref(), journal)),
+            _ => None,
+        })
+        .collect();
+    for chunk in inserts.chunks(ROWS_PER_INSERT) {
+        let inserted = insert_tokens(&mut tx, chunk).await?;
+        for (index, record, _) in chunk {
+            let done = inserted
+                .iter()
+                .any(|(merchant, token)| *merchant == record.merchant_id && *token == record.token);
+            if let Some(slot) = replies.get_mut(*index) {
+                *slot = Some(WriteReply::Inserted(done));
+            }
+        }
+        let journals: Vec<&Journal> = chunk
+            .iter()
+            .filter(|(_, record, _)| {
+                inserted
+                    .iter()
+                    .any(|(merchant, token)| *merchant == record.merchant_id && *token == record.token)
+            })
+            .map(|(_, _, journal)| *journal)
+            .collect();
+        insert_journals(&mut tx, &journals).await?;
+    }
+    for (index, op) in ops.iter().enumerate() {
+        let reply = match op {
+            WriteOp::InsertToken { .. } => continue,
+            WriteOp::InsertKeys { keys, at } => {
+                for key in keys {
+                    sqlx::query(
+                        "INSERT INTO merchant_keys (merchant_id, purpose, version, blob, created_at) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&key.merchant_id)
+                    .bind(key.purpose)
+                    .bind(i64::from(key.version))
+                    .bind(&key.blob)
+                    .bind(*at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                WriteReply::Done
+            }
+            WriteOp::Transition { change, journal } => {
+                if apply_transition(&mut tx, &journal.merchant_id, &journal.token, change, journal.at).await?
+                {
+                    insert_journal(&mut tx, journal).await?;
+                    WriteReply::Record(Some(Box::new(
+                        select_token(&mut tx, &journal.merchant_id, &journal.token).await?,
+                    )))
+                } else {
+                    WriteReply::Record(None)
+                }
+            }
+            WriteOp::RecordUse {
+                journal,
+                consume,
+                retain_until,
+                cvc_token,
+            } => WriteReply::Used(
+                record_use(&mut tx, journal, *consume, *retain_until, cvc_token.as_deref()).await?,
+            ),
+            WriteOp::Extend {
+                journal,
+                months,
+                retain_until,
+                cap,
+            } => {
+                let changed = sqlx::query(
+                    "UPDATE tokens SET retain_until = $1, \
+                     retention_extended_months = retention_extended_months + $2 \
+                     WHERE merchant_id = $3 AND token = $4 AND status = 'active' \
+                     AND retention_extended_months + $2 <= $5",
+                )
+                .bind(*retain_until)
+                .bind(i64::from(*months))
+                .bind(&journal.merchant_id)
+                .bind(&journal.token)
+                .bind(i64::from(*cap))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if changed == 1 {
+                    insert_journal(&mut tx, journal).await?;
+                    WriteReply::Record(Some(Box::new(
+                        select_token(&mut tx, &journal.merchant_id, &journal.token).await?,
+                    )))
+                } else {
+                    WriteReply::Record(None)
+                }
+            }
+        };
+        if let Some(slot) = replies.get_mut(index) {
+            *slot = Some(reply);
+        }
+    }
+    tx.commit().await?;
+    replies
+        .into_iter()
+        .map(|reply| reply.ok_or_else(|| StoreError::Query("a write got no reply".into())))
+        .collect()
+}
+
+/// Inserts token rows, skipping any that already exist; returns (merchant, token) of the rows
+/// inserted.
+async fn insert_tokens(
+    tx: &mut Tx<'_>,
+    rows: &[(usize, &TokenRecord, &Journal)],
+) -> Result<Vec<(String, String)>, StoreError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let placeholders = (0..rows.len())
+        .map(|row| {
+            let first = row * TOKEN_COLUMN_COUNT + 1;
+            let params: Vec<String> = (first..first + TOKEN_COLUMN_COUNT)
+                .map(|n| format!("${n}"))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES {placeholders} ON CONFLICT DO NOTHING RETURNING merchant_id, token"
+    );
+    let mut query = sqlx::query(&sql);
+    for (_, record, _) in rows {
+        query = query
+            .bind(record.merchant_id.clone())
+            .bind(record.token.clone())
+            .bind(record.kind.clone())
+            .bind(record.data_type.clone())
+            .bind(record.format.clone())
+            .bind(record.brand.clone())
+            .bind(record.first_six.clone())
+            .bind(record.last_four.clone())
+            .bind(i64::from(record.expiry_month))
+            .bind(i64::from(record.expiry_year))
+            .bind(record.shopper_reference.clone())
+            .bind(record.fingerprint.clone())
+            .bind(i64::from(record.fingerprint_key_version))
+            .bind(record.ciphertext.clone())
+            .bind(i64::from(record.data_key_version))
+            .bind(i64::from(record.holds_cvc))
+            .bind(record.cvc_vault.clone())
+            .bind(record.status.clone())
+            .bind(record.created_at)
+            .bind(record.last_used_at)
+            .bind(record.ended_at)
+            .bind(record.expires_at)
+            .bind(record.retain_until)
+            .bind(i64::from(record.retention_extended_months));
+    }
+    let inserted = query.fetch_all(&mut **tx).await?;
+    inserted
+        .iter()
+        .map(|row| Ok((row.try_get("merchant_id")?, row.try_get("token")?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
+async fn insert_journals(tx: &mut Tx<'_>, journals: &[&Journal]) -> Result<(), StoreError> {
+    for chunk in journals.chunks(ROWS_PER_INSERT) {
+        if chunk.is_empty() {
+            continue;
+        }
+        let placeholders = (0..chunk.len())
+            .map(|row| {
+                let n = row * 7;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    n + 1,
+                    n + 2,
+                    n + 3,
+                    n + 4,
+                    n + 5,
+                    n + 6,
+                    n + 7
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO journal (merchant_id, token, kind, caller, at, purpose, detail) VALUES {placeholders}"
+        );
+        let mut query = sqlx::query(&sql);
+        for journal in chunk {
+            query = query
+                .bind(journal.merchant_id.clone())
+                .bind(journal.token.clone())
+                .bind(journal.kind)
+                .bind(journal.caller.clone())
+                .bind(journal.at)
+                .bind(journal.purpose.clone())
+                .bind(journal.detail.clone());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// See `Store::record_use`.
+async fn record_use(
+    tx: &mut Tx<'_>,
+    journal: &Journal,
+    consume: bool,
+    retain_until: Option<UnixMillis>,
+    cvc_token: Option<&str>,
+) -> Result<bool, StoreError> {
+    // A savepoint, so a use that turns out void (its CVC token was consumed meanwhile) leaves
+    // no half-change inside the shared transaction.
+    let mut savepoint = sqlx::Acquire::begin(&mut **tx).await?;
+    let used = sqlx::query(
+        "UPDATE tokens SET last_used_at = $1, retain_until = COALESCE($2, retain_until), \
+         status = CASE WHEN $3 = 1 THEN 'consumed' ELSE status END, \
+         ended_at = CASE WHEN $3 = 1 THEN $1 ELSE ended_at END, \
+         ciphertext = CASE WHEN $3 = 1 THEN NULL ELSE ciphertext END, \
+         fingerprint = CASE WHEN $3 = 1 THEN NULL ELSE fingerprint END \
+         WHERE merchant_id = $4 AND token = $5 AND status = 'active'",
+    )
+    .bind(journal.at)
+    .bind(retain_until)
+    .bind(i64::from(consume))
+    .bind(&journal.merchant_id)
+    .bind(&journal.token)
+    .execute(&mut *savepoint)
+    .await?
+    .rows_affected();
+    if used != 1 {
+        savepoint.rollback().await?;
+        return Ok(false);
+    }
+    if let Some(cvc_token) = cvc_token {
+        let consume_cvc = Transition {
+            from: &[STATUS_ACTIVE],
+            to: STATUS_CONSUMED,
+            destroy: true,
+            clear_deadline: false,
+        };
+        if !apply_transition(
+            &mut savepoint,
+            &journal.merchant_id,
+            cvc_token,
+            &consume_cvc,
+            journal.at,
+        )
+        .await?
+        {
+            savepoint.rollback().await?;
+            return Ok(false);
+        }
+        let cvc_entry = Journal {
+            token: cvc_token.to_owned(),
+            detail: format!("CVC_RETURNED_WITH {}", journal.token),
+            ..journal.clone()
+        };
+        insert_journal(&mut savepoint, &cvc_entry).await?;
+    }
+    insert_journal(&mut savepoint, journal).await?;
+    savepoint.commit().await?;
+    Ok(true)
+}
