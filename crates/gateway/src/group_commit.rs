@@ -60,6 +60,8 @@ pub enum WriteOp {
         record: Box<TokenRecord>,
         journal: Journal,
     },
+    /// Insert many tokens (a bulk import chunk) in the same transaction.
+    InsertTokens { rows: Vec<(TokenRecord, Journal)> },
     /// Change a token's state if it is in one of the expected states, and journal it.
     Transition { change: Transition, journal: Journal },
     /// Record a detokenize (see `Store::record_use`).
@@ -84,6 +86,8 @@ pub enum WriteReply {
     Done,
     /// `false` when the token already existed.
     Inserted(bool),
+    /// Per row of `InsertTokens`.
+    InsertedMany(Vec<bool>),
     /// The record after the change; `None` when the change did not apply.
     Record(Option<Box<TokenRecord>>),
     /// `false` when the token stopped being usable first.
@@ -190,11 +194,16 @@ async fn run(pool: &AnyPool, ops: &[&WriteOp]) -> Result<Vec<WriteReply>, StoreE
     let inserts: Vec<(usize, &TokenRecord, &Journal)> = ops
         .iter()
         .enumerate()
-        .filter_map(|(index, op)| match op {
-            WriteOp::InsertToken { record, journal } => Some((index, record.as_ref(), journal)),
-            _ => None,
+        .flat_map(|(index, op)| match op {
+            WriteOp::InsertToken { record, journal } => vec![(index, record.as_ref(), journal)],
+            WriteOp::InsertTokens { rows } => rows
+                .iter()
+                .map(|(record, journal)| (index, record, journal))
+                .collect(),
+            _ => Vec::new(),
         })
         .collect();
+    let mut inserted_rows: Vec<(String, String)> = Vec::new();
     for chunk in inserts.chunks(ROWS_PER_INSERT) {
         let inserted = insert_tokens(&mut tx, chunk).await?;
         for (index, record, _) in chunk {
@@ -215,10 +224,19 @@ async fn run(pool: &AnyPool, ops: &[&WriteOp]) -> Result<Vec<WriteReply>, StoreE
             .map(|(_, _, journal)| *journal)
             .collect();
         insert_journals(&mut tx, &journals).await?;
+        inserted_rows.extend(inserted);
     }
+    let was_inserted = |record: &TokenRecord| {
+        inserted_rows
+            .iter()
+            .any(|(merchant, token)| *merchant == record.merchant_id && *token == record.token)
+    };
     for (index, op) in ops.iter().enumerate() {
         let reply = match op {
-            WriteOp::InsertToken { .. } => continue,
+            WriteOp::InsertToken { record, .. } => WriteReply::Inserted(was_inserted(record)),
+            WriteOp::InsertTokens { rows } => {
+                WriteReply::InsertedMany(rows.iter().map(|(record, _)| was_inserted(record)).collect())
+            }
             WriteOp::InsertKeys { keys, at } => {
                 for key in keys {
                     sqlx::query(

@@ -274,6 +274,22 @@ impl Store {
         })
     }
 
+    /// Runs the migrations of `database` and returns, without starting anything: what
+    /// `tessera migrate` does for operators who apply schema changes by hand.
+    pub async fn migrate(database: &str) -> Result<(), StoreError> {
+        Self::open(database).await?.pool.close().await;
+        Ok(())
+    }
+
+    /// Inserts many token records (and their journal entries) in one transaction; returns, per
+    /// record, whether it was inserted (`false`: the token already existed).
+    pub async fn insert_tokens(&self, rows: Vec<(TokenRecord, Journal)>) -> Result<Vec<bool>, StoreError> {
+        match self.writer.write(WriteOp::InsertTokens { rows }).await? {
+            WriteReply::InsertedMany(inserted) => Ok(inserted),
+            _ => Err(StoreError::Query("unexpected reply".into())),
+        }
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }

@@ -82,21 +82,41 @@ impl VaultClient {
 
     /// Protects one item.
     pub async fn protect(&self, keys: Vec<WrappedKey>, item: ProtectItem) -> Result<Protected, ApiError> {
+        self.protect_batch(keys, vec![item])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(ApiError::internal("VAULT_ERROR", "the vault returned no result")))
+    }
+
+    /// Protects many items in one round trip; each item succeeds or fails on its own.
+    pub async fn protect_batch(
+        &self,
+        keys: Vec<WrappedKey>,
+        items: Vec<ProtectItem>,
+    ) -> Result<Vec<Result<Protected, ApiError>>, ApiError> {
+        let expected = items.len();
         let response = self
             .inner
             .clone()
-            .protect(ProtectRequest {
-                keys,
-                items: vec![item],
-            })
+            .protect(ProtectRequest { keys, items })
             .await
             .map_err(vault_call_error)?
             .into_inner();
-        match response.results.into_iter().next().and_then(|r| r.result) {
-            Some(protect_result::Result::Protected(protected)) => Ok(protected),
-            Some(protect_result::Result::Error(error)) => Err(item_error(error)),
-            None => Err(ApiError::internal("VAULT_ERROR", "the vault returned no result")),
+        if response.results.len() != expected {
+            return Err(ApiError::internal(
+                "VAULT_ERROR",
+                "the vault answered a different number of items",
+            ));
         }
+        Ok(response
+            .results
+            .into_iter()
+            .map(|result| match result.result {
+                Some(protect_result::Result::Protected(protected)) => Ok(protected),
+                Some(protect_result::Result::Error(error)) => Err(item_error(error)),
+                None => Err(ApiError::internal("VAULT_ERROR", "the vault returned no result")),
+            })
+            .collect())
     }
 
     /// Sends `payload` to the vault's no-op `Echo` and returns what came back: the vault hop
