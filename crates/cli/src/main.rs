@@ -8,6 +8,7 @@ mod bench_cards;
 mod bench_load;
 mod bench_report;
 mod bench_stack;
+mod import_file;
 mod pki;
 mod stack;
 mod vault_admin;
@@ -63,6 +64,15 @@ enum Command {
     },
     /// Load-test the gateway and compare it with a no-op floor (see docs/benchmarks.md).
     Bench(bench::BenchArgs),
+    /// Bulk-import cards (or bank accounts and contact data) from a CSV or JSON-lines file.
+    Import(import_file::ImportArgs),
+    /// Apply the gateway's database migrations and exit, for operators who run schema changes
+    /// by hand before starting gateways (gateways also apply them at start).
+    Migrate {
+        /// The gateway's `database`: an SQLite file path or a `postgres://` URL.
+        #[arg(long, env = "TESSERA_DATABASE")]
+        database: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,6 +187,8 @@ fn main() -> ExitCode {
             run_up(&options)
         }
         Command::Bench(args) => run_bench(args),
+        Command::Migrate { database } => run_migrate(&database),
+        Command::Import(args) => run_import(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -246,6 +258,26 @@ fn run_vault(command: VaultCommand) -> Result<(), Box<dyn std::error::Error>> {
 fn run_up(options: &stack::UpOptions) -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(stack::up(options))?;
+    Ok(())
+}
+
+fn run_import(args: import_file::ImportArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(import_file::run(args))?;
+    Ok(())
+}
+
+fn run_migrate(database: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(tessera_gateway::store::Store::migrate(database))?;
+    // The URL may carry a password; say which backend instead of echoing it.
+    let backend = match tessera_gateway::store::Backend::of(database) {
+        tessera_gateway::store::Backend::Postgres => "PostgreSQL",
+        tessera_gateway::store::Backend::Sqlite => "SQLite",
+    };
+    println!("{backend} database is migrated to the gateway's current schema");
     Ok(())
 }
 

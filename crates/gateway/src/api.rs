@@ -19,6 +19,7 @@ use zeroize::Zeroizing;
 use crate::clock::{add_months, end_of_month, Clock, UnixMillis};
 use crate::config::Lifecycle;
 use crate::error::ApiError;
+use crate::group_commit::Journal;
 use crate::keyring::{KeyRing, PURPOSE_DATA};
 use crate::policy::{Operation, Policy};
 use crate::purpose::{check_kind, check_purpose, CheckedPurpose, Kind};
@@ -40,6 +41,19 @@ const MAX_EXTENSION_MONTHS: u32 = 24;
 const SINGLE_USE_TTL_MS: i64 = 24 * 3600 * 1000;
 const DEFAULT_PAGE_SIZE: u32 = 20;
 const MAX_PAGE_SIZE: u32 = 100;
+
+/// A validated, authorised tokenize, ready for the vault.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    pub merchant_id: String,
+    pub kind: Kind,
+    pub format: TokenFormat,
+    pub shopper_reference: String,
+    pub deduplicate: bool,
+    pub provisional: bool,
+    pub needs_keys: bool,
+    pub item: ProtectItem,
+}
 
 /// The state every handler shares.
 #[derive(Debug)]
@@ -102,7 +116,7 @@ fn data_type_of(stored: &str) -> DataType {
 }
 
 /// The public metadata of a record.
-fn token_message(record: &TokenRecord) -> Token {
+pub(crate) fn token_message(record: &TokenRecord) -> Token {
     let brand = if record.brand.is_empty() {
         CardBrand::Unspecified
     } else {
@@ -286,17 +300,18 @@ impl Gateway {
             .ok_or_else(|| ApiError::not_found("TOKEN_NOT_FOUND", "no such token for this merchant"))
     }
 
-    async fn tokenize(
+    /// Validates and authorises a tokenize and turns it into the vault item, before anything
+    /// is created or stored.
+    pub(crate) fn prepare(
         &self,
-        caller: Option<String>,
+        caller: Option<&str>,
         mut request: TokenizeRequest,
-    ) -> Result<TokenizeResponse, ApiError> {
+    ) -> Result<Prepared, ApiError> {
         // First, so the CVC's buffer is wiped whatever happens next.
         let cvc = Zeroizing::new(std::mem::take(&mut request.cvc));
         validate::merchant_id(&request.merchant_id)?;
         self.policy
-            .authorize(caller.as_deref(), Operation::Tokenize, &request.merchant_id)?;
-        let caller = caller.unwrap_or_default();
+            .authorize(caller, Operation::Tokenize, &request.merchant_id)?;
         let kind = Kind::from_proto(request.kind)?;
         let data = secret_data(request.data.take(), self.clock.year_month())?;
         if !cvc.is_empty() {
@@ -337,40 +352,129 @@ impl Gateway {
                 "format-preserving tokens are only for cards",
             ));
         }
-        let merchant_id = request.merchant_id.as_str();
-        // A CVC-only token seals nothing, so it needs no merchant keys.
-        let keys = match data {
-            Some(_) => {
-                let (data_key, fingerprint_key) = self
-                    .keys
-                    .current(&self.store, &self.vault, &self.clock, merchant_id)
-                    .await?;
-                vec![(*data_key).clone(), (*fingerprint_key).clone()]
-            }
-            None => Vec::new(),
-        };
         let vault_format = match format {
             TokenFormat::FormatPreserving => vault::TokenFormat::FormatPreserving,
             TokenFormat::Opaque | TokenFormat::Unspecified => vault::TokenFormat::Opaque,
         };
-        let item = ProtectItem {
-            merchant_id: merchant_id.to_owned(),
-            data,
-            format: vault_format as i32,
-            cvc: cvc.to_string(),
+        Ok(Prepared {
+            // A CVC-only token seals nothing, so it needs no merchant keys.
+            needs_keys: data.is_some(),
+            item: ProtectItem {
+                merchant_id: request.merchant_id.clone(),
+                data,
+                format: vault_format as i32,
+                cvc: cvc.to_string(),
+            },
+            merchant_id: request.merchant_id,
+            kind,
+            format,
+            shopper_reference: request.shopper_reference,
+            deduplicate: request.deduplicate,
+            provisional: request.provisional,
+        })
+    }
+
+    /// The wrapped keys a prepared item needs, creating the merchant's keys on first use.
+    pub(crate) async fn keys_for(&self, prepared: &Prepared) -> Result<Vec<vault::WrappedKey>, ApiError> {
+        if !prepared.needs_keys {
+            return Ok(Vec::new());
+        }
+        let (data_key, fingerprint_key) = self
+            .keys
+            .current(&self.store, &self.vault, &self.clock, &prepared.merchant_id)
+            .await?;
+        Ok(vec![(*data_key).clone(), (*fingerprint_key).clone()])
+    }
+
+    /// The record (and its TK journal entry) of a protected item.
+    pub(crate) fn record_for(
+        &self,
+        prepared: &Prepared,
+        protected: vault::Protected,
+        caller: &str,
+        now: UnixMillis,
+    ) -> (TokenRecord, Journal) {
+        let facts = protected.facts.clone().unwrap_or_default();
+        let deadline = match (prepared.provisional, prepared.kind) {
+            (true, _) => {
+                Some(now + i64::try_from(self.lifecycle.provisional_ttl_secs).unwrap_or(3600) * 1000)
+            }
+            (false, Kind::SingleUse) => Some(now + SINGLE_USE_TTL_MS),
+            (false, _) => None,
         };
+        let record = TokenRecord {
+            merchant_id: prepared.merchant_id.clone(),
+            token: protected.token,
+            kind: prepared.kind.as_str().to_owned(),
+            retain_until: retention_end(&facts.data_type, (facts.expiry_month, facts.expiry_year), now, 0),
+            data_type: facts.data_type,
+            format: format_name(prepared.format).to_owned(),
+            brand: facts.brand,
+            first_six: facts.first_six,
+            last_four: facts.last_four,
+            expiry_month: facts.expiry_month,
+            expiry_year: facts.expiry_year,
+            shopper_reference: prepared.shopper_reference.clone(),
+            fingerprint: Some(protected.fingerprint).filter(|f| !f.is_empty()),
+            fingerprint_key_version: protected.fingerprint_key_version,
+            ciphertext: Some(protected.ciphertext).filter(|c| !c.is_empty()),
+            data_key_version: protected.data_key_version,
+            holds_cvc: protected.holds_cvc,
+            cvc_vault: String::new(),
+            status: if prepared.provisional {
+                STATUS_PROVISIONAL
+            } else {
+                STATUS_ACTIVE
+            }
+            .to_owned(),
+            created_at: now,
+            last_used_at: None,
+            ended_at: None,
+            expires_at: deadline,
+            retention_extended_months: 0,
+        };
+        let journal = Journal {
+            merchant_id: record.merchant_id.clone(),
+            token: record.token.clone(),
+            kind: "TK",
+            caller: caller.to_owned(),
+            at: now,
+            purpose: String::new(),
+            detail: if prepared.provisional { "PROVISIONAL" } else { "" }.to_owned(),
+        };
+        (record, journal)
+    }
+
+    async fn tokenize(
+        &self,
+        caller: Option<String>,
+        request: TokenizeRequest,
+    ) -> Result<TokenizeResponse, ApiError> {
+        let prepared = self.prepare(caller.as_deref(), request)?;
+        self.tokenize_prepared(&prepared, caller.as_deref().unwrap_or_default())
+            .await
+    }
+
+    /// Protects a prepared item and stores its token, drawing a new token if the first one
+    /// collides with an existing one (possible only for format-preserving tokens).
+    pub(crate) async fn tokenize_prepared(
+        &self,
+        prepared: &Prepared,
+        caller: &str,
+    ) -> Result<TokenizeResponse, ApiError> {
+        let keys = self.keys_for(prepared).await?;
+        let merchant_id = prepared.merchant_id.as_str();
         for _ in 0..TOKEN_COLLISION_RETRIES {
             // The item is cloned because a collision needs the data again for a fresh token.
-            let protected = self.vault.protect(keys.clone(), item.clone()).await?;
-            let facts = protected.facts.clone().unwrap_or_default();
+            let (protected, served_by) = self.vault.protect(keys.clone(), prepared.item.clone()).await?;
             let now = self.clock.now_ms();
-            if request.deduplicate && !protected.fingerprint.is_empty() {
+            if prepared.deduplicate && !protected.fingerprint.is_empty() {
                 if let Some(existing) = self
                     .store
                     .usable_token_by_fingerprint(
                         merchant_id,
-                        &request.shopper_reference,
-                        kind.as_str(),
+                        &prepared.shopper_reference,
+                        prepared.kind.as_str(),
                         &protected.fingerprint,
                         now,
                     )
@@ -384,59 +488,12 @@ impl Gateway {
                     });
                 }
             }
-            let deadline = match (request.provisional, kind) {
-                (true, _) => {
-                    Some(now + i64::try_from(self.lifecycle.provisional_ttl_secs).unwrap_or(3600) * 1000)
-                }
-                (false, Kind::SingleUse) => Some(now + SINGLE_USE_TTL_MS),
-                (false, _) => None,
-            };
-            let record = TokenRecord {
-                merchant_id: merchant_id.to_owned(),
-                token: protected.token.clone(),
-                kind: kind.as_str().to_owned(),
-                retain_until: retention_end(
-                    &facts.data_type,
-                    (facts.expiry_month, facts.expiry_year),
-                    now,
-                    0,
-                ),
-                data_type: facts.data_type,
-                format: format_name(format).to_owned(),
-                brand: facts.brand,
-                first_six: facts.first_six,
-                last_four: facts.last_four,
-                expiry_month: facts.expiry_month,
-                expiry_year: facts.expiry_year,
-                shopper_reference: request.shopper_reference.clone(),
-                fingerprint: Some(protected.fingerprint).filter(|f| !f.is_empty()),
-                fingerprint_key_version: protected.fingerprint_key_version,
-                ciphertext: Some(protected.ciphertext).filter(|c| !c.is_empty()),
-                data_key_version: protected.data_key_version,
-                holds_cvc: protected.holds_cvc,
-                cvc_vault: String::new(),
-                status: if request.provisional {
-                    STATUS_PROVISIONAL
-                } else {
-                    STATUS_ACTIVE
-                }
-                .to_owned(),
-                created_at: now,
-                last_used_at: None,
-                ended_at: None,
-                expires_at: deadline,
-                retention_extended_months: 0,
-            };
-            let entry = JournalEntry {
-                merchant_id,
-                token: &record.token,
-                kind: "TK",
-                caller: &caller,
-                at: now,
-                purpose: "",
-                detail: if request.provisional { "PROVISIONAL" } else { "" },
-            };
-            match self.store.insert_token(&record, &entry).await {
+            let (mut record, journal) = self.record_for(prepared, protected, caller, now);
+            if record.holds_cvc {
+                // Only this vault holds the CVC: reveals that want it must go there.
+                record.cvc_vault = served_by;
+            }
+            match self.store.insert_token(&record, &journal).await {
                 Ok(()) => {
                     tracing::info!(merchant_id, token = %record.token, kind = %record.kind, "tokenized");
                     return Ok(TokenizeResponse {
@@ -500,11 +557,15 @@ impl Gateway {
         }
         let kind = Kind::parse(&record.kind);
         check_kind(kind, purpose)?;
-        let other_cvc_token = self.cvc_token(&request, &record, kind, purpose, now).await?;
-        let cvc_token = match (&other_cvc_token, record.holds_cvc) {
-            (Some(other), _) => other.clone(),
-            (None, true) => record.token.clone(),
-            (None, false) => String::new(),
+        let (other_cvc_token, other_cvc_vault) = self
+            .cvc_token(&request, &record, kind, purpose, now)
+            .await?
+            .unzip();
+        // The CVC lives only in the memory of the vault that took it, so the reveal goes there.
+        let (cvc_token, cvc_vault) = match (&other_cvc_token, record.holds_cvc) {
+            (Some(other), _) => (other.clone(), other_cvc_vault.unwrap_or_default()),
+            (None, true) => (record.token.clone(), record.cvc_vault.clone()),
+            (None, false) => (String::new(), String::new()),
         };
         let ciphertext = record
             .ciphertext
@@ -521,7 +582,8 @@ impl Gateway {
             .await?;
         let mut revealed = self
             .vault
-            .reveal(
+            .reveal_on(
+                &cvc_vault,
                 vec![(*data_key).clone()],
                 RevealItem {
                     merchant_id: record.merchant_id.clone(),
@@ -572,6 +634,7 @@ impl Gateway {
 
     /// The CVC-only token a detokenize names, checked: only a cardholder-initiated use of a
     /// card-on-file token may ask for a CVC, and only for the same merchant and shopper.
+    /// Returns the token and the vault holding its CVC.
     async fn cvc_token(
         &self,
         request: &DetokenizeRequest,
@@ -579,7 +642,7 @@ impl Gateway {
         kind: Kind,
         purpose: CheckedPurpose,
         now: UnixMillis,
-    ) -> Result<Option<String>, ApiError> {
+    ) -> Result<Option<(String, String)>, ApiError> {
         if request.cvc_token.is_empty() {
             return Ok(None);
         }
@@ -611,7 +674,7 @@ impl Gateway {
                 "the CVC token belongs to another shopper than the card token",
             ));
         }
-        Ok(Some(cvc.token))
+        Ok(Some((cvc.token, cvc.cvc_vault)))
     }
 
     async fn delete_token(
@@ -855,6 +918,20 @@ fn reply<T>(result: Result<T, ApiError>) -> Result<Response<T>, Status> {
 
 #[tonic::async_trait]
 impl Tokenization for TokenizationService {
+    type ImportTokensStream = crate::import::ImportStream;
+
+    async fn import_tokens(
+        &self,
+        request: Request<tonic::Streaming<tessera_api::v1::ImportRequest>>,
+    ) -> Result<Response<Self::ImportTokensStream>, Status> {
+        let caller = caller(&request);
+        Ok(Response::new(crate::import::start(
+            Arc::clone(&self.0),
+            caller,
+            request.into_inner(),
+        )))
+    }
+
     async fn tokenize(
         &self,
         request: Request<TokenizeRequest>,
