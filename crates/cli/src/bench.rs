@@ -10,15 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message as _;
 use tessera_api::bench::floor_client::FloorClient;
 use tessera_api::bench::RelayRequest;
+use tessera_api::v1::tokenization_client::TokenizationClient;
+use tessera_api::v1::ImportRequest;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
-use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 use crate::bench_cards::current_year;
 use crate::bench_load::{
@@ -76,7 +73,8 @@ pub struct BenchArgs {
     /// Measured time of each scenario (e.g. 10s, 1m).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// Scenarios to run in order, comma-separated; mixed is 1 tokenize : 4 detokenize.
+    /// Scenarios to run in order, comma-separated; mixed is 1 tokenize : 4 detokenize; import
+    /// runs one stream per request in flight, one chunk outstanding on each.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "tokenize")]
     pub scenario: Vec<Scenario>,
     /// Run the floor with the same settings right after each scenario and report the ratio
@@ -86,6 +84,9 @@ pub struct BenchArgs {
     /// Tokens created before the detokenize, mixed and list scenarios.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub setup_tokens: u32,
+    /// Items per import request in the import scenario (the API takes at most 5000).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=5000))]
+    pub import_chunk: u16,
     /// The merchant the benchmark's tokens belong to.
     #[arg(long, default_value = "m_bench")]
     pub merchant: String,
@@ -171,6 +172,7 @@ async fn measure(
             tokens: Arc::clone(tokens),
             floor_payload: vec![0x5a; floor_payload_bytes],
             this_year: current_year(),
+            import_chunk: usize::from(args.import_chunk),
         })
     };
 
@@ -180,19 +182,11 @@ async fn measure(
     for &scenario in &args.scenario {
         let name = scenario.name();
         if scenario == Scenario::Import {
-            let note = match bulk_import_method(channels.first().cloned()).await {
-                Ok(None) => "not available: the server has no bulk import RPC".to_owned(),
-                Ok(Some(method)) => format!(
-                    "not available: the server offers {method}, which this build of `tessera bench` \
-                     does not drive yet"
-                ),
-                Err(err) => {
-                    format!("not available: cannot tell whether the server has a bulk import RPC ({err})")
-                }
-            };
-            eprintln!("{name}: {note}");
-            reports.push(ScenarioReport::not_available(name, note));
-            continue;
+            if let Err(note) = probe_import(&channels).await {
+                eprintln!("{name}: {note}");
+                reports.push(ScenarioReport::not_available(name, note));
+                continue;
+            }
         }
         if scenario == Scenario::Floor || compare_floor {
             let probe = match &floor_available {
@@ -262,6 +256,7 @@ async fn measure(
             setup_tokens: usize::try_from(args.setup_tokens).unwrap_or(usize::MAX),
             compare_floor,
             floor_payload_bytes,
+            import_chunk: usize::from(args.import_chunk),
             client_identity_file: args
                 .certs_dir
                 .join(format!("{}.pem", args.client_cert))
@@ -361,65 +356,37 @@ async fn probe_floor(channels: &[Channel]) -> Result<(), String> {
     }
 }
 
-/// Asks the server's reflection service for a method named like a bulk import in any
-/// `tessera.*` service: `Some("tessera.v1.Service/Method")` if there is one.
-async fn bulk_import_method(channel: Option<Channel>) -> Result<Option<String>, String> {
-    let channel = channel.ok_or_else(|| "no connection to the gateway".to_owned())?;
-    let mut client = ServerReflectionClient::new(channel);
-    let services = match reflect(&mut client, MessageRequest::ListServices(String::new())).await? {
-        MessageResponse::ListServicesResponse(list) => {
-            list.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
-        }
-        other => return Err(format!("unexpected reflection answer {other:?}")),
-    };
-    for service in services.iter().filter(|name| name.starts_with("tessera.")) {
-        let files = match reflect(&mut client, MessageRequest::FileContainingSymbol(service.clone())).await? {
-            MessageResponse::FileDescriptorResponse(files) => files.file_descriptor_proto,
-            other => return Err(format!("unexpected reflection answer {other:?}")),
-        };
-        for bytes in files {
-            let file = prost_types::FileDescriptorProto::decode(bytes.as_slice())
-                .map_err(|err| format!("bad descriptor from reflection: {err}"))?;
-            for described in &file.service {
-                let full_name = format!("{}.{}", file.package(), described.name());
-                if &full_name != service {
-                    continue;
-                }
-                if let Some(method) = described
-                    .method
-                    .iter()
-                    .find(|method| method.name().to_ascii_lowercase().contains("import"))
-                {
-                    return Ok(Some(format!("{full_name}/{}", method.name())));
+/// An import stream with no items: `Err` with a note when the server has no bulk import.
+async fn probe_import(channels: &[Channel]) -> Result<(), String> {
+    let channel = channels
+        .first()
+        .cloned()
+        .ok_or_else(|| "no connection to the gateway".to_owned())?;
+    let no_items = tokio_stream::empty::<ImportRequest>();
+    let outcome = match TokenizationClient::new(channel).import_tokens(no_items).await {
+        Ok(response) => {
+            // Drain the (empty) answer so a failure after the headers shows too.
+            let mut results = response.into_inner();
+            loop {
+                match results.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break Ok(()),
+                    Err(status) => break Err(status),
                 }
             }
         }
-    }
-    Ok(None)
-}
-
-async fn reflect(
-    client: &mut ServerReflectionClient<Channel>,
-    request: MessageRequest,
-) -> Result<MessageResponse, String> {
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(request),
+        Err(status) => Err(status),
     };
-    let mut answers = client
-        .server_reflection_info(tokio_stream::once(request))
-        .await
-        .map_err(|status| format!("reflection: {} {}", code_name(status.code()), status.message()))?
-        .into_inner();
-    let answer = answers
-        .message()
-        .await
-        .map_err(|status| format!("reflection: {} {}", code_name(status.code()), status.message()))?
-        .ok_or_else(|| "reflection: no answer".to_owned())?;
-    match answer.message_response {
-        Some(MessageResponse::ErrorResponse(error)) => Err(format!("reflection: {}", error.error_message)),
-        Some(response) => Ok(response),
-        None => Err("reflection: empty answer".to_owned()),
+    match outcome {
+        Ok(()) => Ok(()),
+        Err(status) if status.code() == Code::Unimplemented => {
+            Err("not available: the server has no bulk import RPC".to_owned())
+        }
+        Err(status) => Err(format!(
+            "not available: the bulk import RPC failed: {} {}",
+            code_name(status.code()),
+            status.message()
+        )),
     }
 }
 

@@ -14,11 +14,13 @@ use tessera_api::bench::floor_client::FloorClient;
 use tessera_api::bench::RelayRequest;
 use tessera_api::v1::tokenization_client::TokenizationClient;
 use tessera_api::v1::{
-    tokenize_request, Card, DetokenizeRequest, Initiator, ListTokensRequest, Purpose, RecurringModel,
-    ShopperInteraction, TokenizeRequest,
+    import_result, tokenize_request, Card, DetokenizeRequest, ImportItem, ImportRequest, Initiator,
+    ListTokensRequest, Purpose, RecurringModel, ShopperInteraction, TokenizeRequest,
 };
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -37,7 +39,7 @@ pub enum Scenario {
     Mixed,
     /// List one shopper's tokens (first page).
     List,
-    /// Bulk import, when the server has such an RPC.
+    /// Bulk import (`ImportTokens`) of new random cards in chunks; counts items, not chunks.
     Import,
     /// The no-op relay through gateway and vault (`tessera.bench.v1.Floor/Relay`).
     Floor,
@@ -101,6 +103,8 @@ pub struct Workload {
     pub tokens: Arc<Vec<SetupToken>>,
     pub floor_payload: Vec<u8>,
     pub this_year: u32,
+    /// Items per `ImportRequest` in the import scenario.
+    pub import_chunk: usize,
 }
 
 impl Workload {
@@ -146,13 +150,27 @@ impl Workload {
                 };
                 floor.relay(request).await.err()
             }
-            // Never driven by the engine: the caller reports it as not available.
-            Scenario::Import => return Err(Code::Unimplemented),
+            // Streams, not unary calls: see `import_worker`.
+            Scenario::Import => return Err(Code::Internal),
         };
         match status {
             None => Ok(()),
             Some(status) => Err(status.code()),
         }
+    }
+
+    /// One chunk of new random cards for the import scenario, numbered from `*sequence`.
+    fn import_request(&self, rng: &mut SplitMix64, sequence: &mut u64) -> ImportRequest {
+        let items = (0..self.import_chunk.max(1))
+            .map(|_| {
+                *sequence += 1;
+                ImportItem {
+                    sequence: *sequence,
+                    item: Some(self.tokenize_request(rng)),
+                }
+            })
+            .collect();
+        ImportRequest { items }
     }
 
     /// A cardholder-initiated one-click use of a card-on-file token: the purpose such a
@@ -309,6 +327,21 @@ pub type ServerPids = (Option<u32>, Option<u32>);
 struct WorkerOutcome {
     histogram: Histogram<u64>,
     errors: BTreeMap<&'static str, u64>,
+    /// Items imported (import scenario only).
+    items: u64,
+}
+
+/// The measured window: requests that complete inside it count.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    end: Instant,
+}
+
+impl Window {
+    fn contains(self, instant: Instant) -> bool {
+        instant >= self.start && instant <= self.end
+    }
 }
 
 /// Runs one phase: warm-up, then the measured window, with `settings.in_flight` workers over
@@ -346,19 +379,21 @@ pub async fn run_phase(
         let seed = settings
             .seed
             .wrapping_add((index as u64).wrapping_mul(0x9E37_79B9));
-        workers.spawn(worker(
-            index as u64,
-            channel,
-            workload,
-            histogram,
-            seed,
-            measure_start,
+        let window = Window {
+            start: measure_start,
             end,
-        ));
+        };
+        if workload.scenario == Scenario::Import {
+            workers.spawn(import_worker(channel, workload, histogram, seed, window));
+        } else {
+            workers.spawn(worker(index as u64, channel, workload, histogram, seed, window));
+        }
     }
+    let import = workload.scenario == Scenario::Import;
 
     let mut histogram = template;
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut items = 0;
     while let Some(joined) = workers.join_next().await {
         let outcome = joined.map_err(|err| format!("load worker failed: {err}"))?;
         histogram
@@ -367,12 +402,16 @@ pub async fn run_phase(
         for (code, count) in outcome.errors {
             *errors.entry(code.to_owned()).or_default() += count;
         }
+        items += outcome.items;
     }
     let (before, after) = sampler.await.map_err(|err| format!("sampler failed: {err}"))?;
     let elapsed = settings.duration;
     let secs = elapsed.as_secs_f64();
     let client_cpu = cpu_between(before.client, after.client, secs);
     let mut measurement = Measurement::new(&histogram, errors, elapsed, client_cpu);
+    if import {
+        measurement = measurement.counting_import_items(items);
+    }
     if servers.is_some() {
         measurement.servers = Some(ServersUse {
             gateway: server_use(before.gateway, after.gateway, secs),
@@ -388,8 +427,7 @@ async fn worker(
     workload: Arc<Workload>,
     mut histogram: Histogram<u64>,
     seed: u64,
-    measure_start: Instant,
-    end: Instant,
+    window: Window,
 ) -> WorkerOutcome {
     let mut tokenization = TokenizationClient::new(channel.clone());
     let mut floor = FloorClient::new(channel);
@@ -399,7 +437,7 @@ async fn worker(
     let mut sequence = index;
     loop {
         let started = Instant::now();
-        if started >= end {
+        if started >= window.end {
             break;
         }
         let outcome = workload
@@ -407,7 +445,7 @@ async fn worker(
             .await;
         sequence = sequence.wrapping_add(1);
         let finished = Instant::now();
-        if finished < measure_start || finished > end {
+        if !window.contains(finished) {
             continue;
         }
         match outcome {
@@ -415,7 +453,101 @@ async fn worker(
             Err(code) => *errors.entry(code_name(code)).or_default() += 1,
         }
     }
-    WorkerOutcome { histogram, errors }
+    WorkerOutcome {
+        histogram,
+        errors,
+        items: 0,
+    }
+}
+
+/// Pause after a failed import stream before opening the next, so a failing server is not
+/// hammered in a tight loop.
+const IMPORT_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+/// One import stream at a time, one chunk outstanding on it: send a chunk, wait for its
+/// results, send the next. Latency is per chunk; each item's outcome is counted. A stream
+/// that fails is counted once by its code and replaced by a new one.
+async fn import_worker(
+    channel: Channel,
+    workload: Arc<Workload>,
+    mut histogram: Histogram<u64>,
+    seed: u64,
+    window: Window,
+) -> WorkerOutcome {
+    let mut client = TokenizationClient::new(channel);
+    let mut rng = SplitMix64::new(seed);
+    let mut errors: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut items = 0;
+    let mut sequence = 0;
+    'streams: while Instant::now() < window.end {
+        let (chunks, receiver) = mpsc::channel(1);
+        // The first chunk is queued before the call, so a server that answers only once it
+        // has data cannot leave the call waiting.
+        let mut started = Instant::now();
+        if chunks
+            .send(workload.import_request(&mut rng, &mut sequence))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        let mut results = match client.import_tokens(ReceiverStream::new(receiver)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                if window.contains(Instant::now()) {
+                    *errors.entry(code_name(status.code())).or_default() += 1;
+                }
+                tokio::time::sleep(IMPORT_RETRY_PAUSE).await;
+                continue;
+            }
+        };
+        loop {
+            let answer = results.message().await;
+            let finished = Instant::now();
+            let counted = window.contains(finished);
+            match answer {
+                Ok(Some(response)) if counted => {
+                    record_latency(&mut histogram, finished - started);
+                    for result in response.results {
+                        match result.outcome {
+                            Some(import_result::Outcome::Token(_)) => items += 1,
+                            Some(import_result::Outcome::Error(error)) => {
+                                *errors.entry(code_name(Code::from_i32(error.code))).or_default() += 1;
+                            }
+                            None => *errors.entry(code_name(Code::Unknown)).or_default() += 1,
+                        }
+                    }
+                }
+                Ok(Some(_)) => {}
+                // The server ended the stream early: open another.
+                Ok(None) => continue 'streams,
+                Err(status) => {
+                    if counted {
+                        *errors.entry(code_name(status.code())).or_default() += 1;
+                    }
+                    tokio::time::sleep(IMPORT_RETRY_PAUSE).await;
+                    continue 'streams;
+                }
+            }
+            if finished >= window.end {
+                // Dropping the sender ends the stream.
+                break 'streams;
+            }
+            started = Instant::now();
+            if chunks
+                .send(workload.import_request(&mut rng, &mut sequence))
+                .await
+                .is_err()
+            {
+                continue 'streams;
+            }
+        }
+    }
+    WorkerOutcome {
+        histogram,
+        errors,
+        items,
+    }
 }
 
 /// CPU and memory of this process and the servers at one moment.

@@ -112,6 +112,18 @@ pub struct Measurement {
     /// The servers' use, when `tessera bench --start` started them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub servers: Option<ServersUse>,
+    /// Import scenario only: there `requests`, `throughput_rps` and `errors` count items,
+    /// while the latencies are those of whole chunks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub import: Option<ImportStats>,
+}
+
+/// The chunks of an import phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct ImportStats {
+    /// Chunks answered in the window.
+    pub chunks: u64,
+    pub chunks_per_sec: f64,
 }
 
 impl Measurement {
@@ -139,7 +151,28 @@ impl Measurement {
             latency_us: Latency::from_histogram(histogram),
             client_cpu,
             servers: None,
+            import: None,
         }
+    }
+
+    /// Turns a measurement of import chunks into one of items: `items` imported in the
+    /// window become the requests and the throughput; the chunk counts move to `import`.
+    pub fn counting_import_items(mut self, items: u64) -> Self {
+        let chunks = self.requests;
+        let per_second = |count: u64| {
+            if self.elapsed_secs > 0.0 {
+                count as f64 / self.elapsed_secs
+            } else {
+                0.0
+            }
+        };
+        self.import = Some(ImportStats {
+            chunks,
+            chunks_per_sec: per_second(chunks),
+        });
+        self.requests = items;
+        self.throughput_rps = per_second(items);
+        self
     }
 }
 
@@ -229,6 +262,8 @@ pub struct Settings {
     pub compare_floor: bool,
     /// Bytes each floor request carries (the size of a tokenize request).
     pub floor_payload_bytes: usize,
+    /// Items per import request.
+    pub import_chunk: usize,
     pub client_identity_file: String,
 }
 
@@ -411,6 +446,28 @@ mod tests {
     }
 
     #[test]
+    fn import_counts_items_and_keeps_chunk_latencies() {
+        let m = Measurement::new(
+            &histogram_of([10_000, 20_000]),
+            BTreeMap::new(),
+            Duration::from_secs(2),
+            CpuUse::default(),
+        )
+        .counting_import_items(1000);
+        assert_eq!(m.requests, 1000);
+        assert!((m.throughput_rps - 500.0).abs() < 1e-9);
+        let import = m.import.unwrap();
+        assert_eq!(import.chunks, 2);
+        assert!((import.chunks_per_sec - 1.0).abs() < 1e-9);
+        // Three significant digits: within 0.1% of the largest chunk latency.
+        assert!(
+            (20_000..=20_020).contains(&m.latency_us.max),
+            "{}",
+            m.latency_us.max
+        );
+    }
+
+    #[test]
     fn latencies_are_clamped_into_range() {
         let mut histogram = new_histogram().unwrap();
         record_latency(&mut histogram, Duration::from_nanos(10));
@@ -492,6 +549,7 @@ mod tests {
                 setup_tokens: 16,
                 compare_floor: true,
                 floor_payload_bytes: 80,
+                import_chunk: 500,
                 client_identity_file: "certs/dev-client.pem".to_owned(),
             },
             scenarios: vec![
