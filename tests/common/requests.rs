@@ -82,6 +82,7 @@ pub fn detokenize_for(merchant: &str, token: &str, purpose: Purpose) -> Detokeni
         purpose: Some(purpose),
         shopper_reference: SHOPPER.into(),
         cvc_token: String::new(),
+        acquiring_agreement: String::new(),
     }
 }
 

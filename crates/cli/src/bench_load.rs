@@ -186,6 +186,7 @@ impl Workload {
             }),
             shopper_reference: token.shopper.to_owned(),
             cvc_token: String::new(),
+            acquiring_agreement: String::new(),
         }
     }
 }

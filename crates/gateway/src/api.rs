@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tessera_api::identity::peer_identity;
 use tessera_api::v1::tokenization_server::Tokenization;
 use tessera_api::v1::{
+    AuthorizationOutcome, CardBlock, ReportAuthorizationRequest, ReportAuthorizationResponse, SubscribeEventsRequest,
     detokenize_response, tokenize_request, BankAccount, Card, CardBrand, ConfirmTokenRequest, Contact,
     DataType, DeleteTokenRequest, DeleteTokenResponse, DetokenizeRequest, DetokenizeResponse,
     ExtendRetentionRequest, GetTokenHistoryRequest, GetTokenHistoryResponse, GetTokenRequest,
@@ -19,7 +20,9 @@ use zeroize::Zeroizing;
 use crate::clock::{add_months, end_of_month, Clock, UnixMillis};
 use crate::config::Lifecycle;
 use crate::error::ApiError;
+use crate::retry_guard::{Outcome, Report, RetryGuardConfig};
 use crate::group_commit::Journal;
+use crate::idempotency::request_hash;
 use crate::keyring::{KeyRing, PURPOSE_DATA};
 use crate::policy::{Operation, Policy};
 use crate::purpose::{check_kind, check_purpose, CheckedPurpose, Kind};
@@ -55,6 +58,14 @@ pub(crate) struct Prepared {
     pub item: ProtectItem,
 }
 
+/// RFC 3339 (UTC, seconds) for error metadata a person reads.
+fn rfc3339(ms: UnixMillis) -> String {
+    let days = ms.div_euclid(86_400_000);
+    let seconds = ms.rem_euclid(86_400_000) / 1000;
+    let (year, month, day) = crate::clock::civil_from_days(days);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", seconds / 3600, seconds / 60 % 60, seconds % 60)
+}
+
 /// The state every handler shares.
 #[derive(Debug)]
 pub struct Gateway {
@@ -64,6 +75,7 @@ pub struct Gateway {
     pub keys: KeyRing,
     pub clock: Clock,
     pub lifecycle: Lifecycle,
+    pub retry_guard: RetryGuardConfig,
 }
 
 /// The tonic service over a shared [`Gateway`].
@@ -145,6 +157,7 @@ pub(crate) fn token_message(record: &TokenRecord) -> Token {
         retain_until: Some(timestamp(record.retain_until)),
         expires_at: record.expires_at.map(timestamp),
         retention_extended_months: record.retention_extended_months,
+        blocks: Vec::new(),
     }
 }
 
@@ -285,6 +298,9 @@ fn transaction_type(kind: &str) -> TransactionType {
         "CONFIRM" => TransactionType::Confirm,
         "EXTEND" => TransactionType::Extend,
         "EXPIRE" => TransactionType::Expire,
+        "AUTH" => TransactionType::Authorization,
+        "BLOCK" => TransactionType::Block,
+        "UNBLOCK" => TransactionType::Unblock,
         _ => TransactionType::Unspecified,
     }
 }
@@ -450,9 +466,57 @@ impl Gateway {
         caller: Option<String>,
         request: TokenizeRequest,
     ) -> Result<TokenizeResponse, ApiError> {
+        let reference = request.merchant_reference.clone();
+        let strict = request.strict_merchant_reference;
         let prepared = self.prepare(caller.as_deref(), request)?;
-        self.tokenize_prepared(&prepared, caller.as_deref().unwrap_or_default())
+        self.check_reference(&prepared.merchant_id, &reference, strict).await?;
+        self.tokenize_prepared(&prepared, caller.as_deref().unwrap_or_default()).await
+    }
+
+    /// Records a merchant reference; a strict one seen for this merchant in the last 24 hours
+    /// is refused as a duplicate.
+    async fn check_reference(&self, merchant_id: &str, reference: &str, strict: bool) -> Result<(), ApiError> {
+        if reference.is_empty() {
+            return if strict { Err(ApiError::missing("merchant_reference")) } else { Ok(()) };
+        }
+        validate::reference("merchant_reference", reference)?;
+        let fresh = self
+            .store
+            .see_merchant_reference(merchant_id, reference, self.clock.now_ms())
             .await
+            .map_err(store_error)?;
+        if !fresh && strict {
+            return Err(ApiError::new(
+                Code::AlreadyExists,
+                "DUPLICATE",
+                "this merchant_reference was already used for this merchant in the last 24 hours",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs `work` under the request's idempotency key, if it has one (see crate::idempotency).
+    async fn idempotent<T, F>(
+        &self,
+        caller: Option<&str>,
+        merchant_id: &str,
+        key: &str,
+        method: &str,
+        hash: Vec<u8>,
+        work: F,
+    ) -> Result<T, ApiError>
+    where
+        T: prost::Message + Default,
+        F: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        if key.is_empty() {
+            return work.await;
+        }
+        validate::merchant_id(merchant_id)?;
+        let caller = caller.ok_or_else(|| {
+            ApiError::unauthenticated("CALLER_UNIDENTIFIED", "client certificate carries no URI identity")
+        })?;
+        crate::idempotency::run(&self.store, (merchant_id, caller), key, method, hash, self.clock.now_ms(), work).await
     }
 
     /// Protects a prepared item and stores its token, drawing a new token if the first one
@@ -520,8 +584,106 @@ impl Gateway {
             .authorize(caller.as_deref(), Operation::ReadMetadata, &request.merchant_id)?;
         validate::token(&request.token)?;
         let record = self.lookup(&request.merchant_id, &request.token).await?;
-        check_exists(&record, self.clock.now_ms())?;
-        Ok(token_message(&record))
+        let now = self.clock.now_ms();
+        check_exists(&record, now)?;
+        let mut token = token_message(&record);
+        if let Some(fingerprint) = &record.fingerprint {
+            token.blocks = self
+                .store
+                .active_blocks(&record.merchant_id, fingerprint, now)
+                .await
+                .map_err(store_error)?
+                .into_iter()
+                .map(|block| CardBlock {
+                    acquiring_agreement: block.agreement,
+                    reason: block.reason,
+                    blocked_until: Some(timestamp(block.until)),
+                })
+                .collect();
+        }
+        Ok(token)
+    }
+
+    /// Refuses a merchant-initiated use of a card blocked under the stated agreement (or, when
+    /// none is stated, under any), with the reason and when the block ends.
+    async fn check_retry_guard(&self, record: &TokenRecord, agreement: &str, now: UnixMillis) -> Result<(), ApiError> {
+        let Some(fingerprint) = &record.fingerprint else { return Ok(()) };
+        let blocks = self.store.active_blocks(&record.merchant_id, fingerprint, now).await.map_err(store_error)?;
+        let Some(block) = blocks.into_iter().find(|block| agreement.is_empty() || block.agreement == agreement) else {
+            return Ok(());
+        };
+        let (reason, message) = if block.reason == "DO_NOT_RETRY" {
+            ("DO_NOT_RETRY", "the issuer answered do-not-retry for this card; merchant-initiated use is blocked")
+        } else {
+            ("RETRY_LIMIT", "the scheme's limit of failed attempts for this card is reached; merchant-initiated use is blocked")
+        };
+        let mut error = precondition(reason, message);
+        error.metadata = vec![
+            ("blocked_until", rfc3339(block.until)),
+            ("blocked_until_unix_ms", block.until.to_string()),
+            ("acquiring_agreement", block.agreement),
+        ];
+        Err(error)
+    }
+
+    async fn report_authorization(
+        &self,
+        caller: Option<String>,
+        request: ReportAuthorizationRequest,
+    ) -> Result<ReportAuthorizationResponse, ApiError> {
+        validate::merchant_id(&request.merchant_id)?;
+        // Reporting an outcome is part of paying with a token.
+        let allowed = self
+            .policy
+            .authorize(caller.as_deref(), Operation::DetokenizeMerchantInitiated, &request.merchant_id)
+            .or_else(|_| self.policy.authorize(caller.as_deref(), Operation::Detokenize, &request.merchant_id));
+        allowed?;
+        let caller = caller.unwrap_or_default();
+        validate::token(&request.token)?;
+        let outcome = match AuthorizationOutcome::try_from(request.outcome) {
+            Ok(AuthorizationOutcome::Approved) => Outcome::Approved,
+            Ok(AuthorizationOutcome::Declined) => Outcome::Declined,
+            Ok(AuthorizationOutcome::DeclinedDoNotRetry) => Outcome::DoNotRetry,
+            Ok(AuthorizationOutcome::Unspecified) => return Err(ApiError::missing("outcome")),
+            Err(_) => return Err(ApiError::invalid("outcome", "INVALID_OUTCOME", "outcome is not a known AuthorizationOutcome")),
+        };
+        if request.acquiring_agreement.is_empty() {
+            return Err(ApiError::missing("acquiring_agreement"));
+        }
+        validate::reference("acquiring_agreement", &request.acquiring_agreement)?;
+        let now = self.clock.now_ms();
+        let record = self.lookup(&request.merchant_id, &request.token).await?;
+        check_exists(&record, now)?;
+        let fingerprint = record.fingerprint.clone().ok_or_else(|| {
+            precondition("NO_CARD_FINGERPRINT", "this token has no card to count attempts for")
+        })?;
+        self.check_reference(&request.merchant_id, &request.merchant_reference, request.strict_merchant_reference)
+            .await?;
+        let config = &self.retry_guard;
+        let state = self
+            .store
+            .report_authorization(Report {
+                merchant_id: record.merchant_id.clone(),
+                agreement: request.acquiring_agreement.clone(),
+                fingerprint,
+                token: record.token.clone(),
+                outcome,
+                at: now,
+                caller,
+                rule: config.rule(&record.brand),
+                do_not_retry_ms: i64::from(config.do_not_retry_block_hours) * 3_600_000,
+            })
+            .await
+            .map_err(store_error)?;
+        Ok(ReportAuthorizationResponse {
+            failed_attempts: state.failed_attempts,
+            limit: state.limit,
+            block: state.block.map(|block| CardBlock {
+                acquiring_agreement: block.agreement,
+                reason: block.reason,
+                blocked_until: Some(timestamp(block.until)),
+            }),
+        })
     }
 
     async fn detokenize(
@@ -557,6 +719,9 @@ impl Gateway {
         }
         let kind = Kind::parse(&record.kind);
         check_kind(kind, purpose)?;
+        if purpose.merchant_initiated() {
+            self.check_retry_guard(&record, &request.acquiring_agreement, now).await?;
+        }
         let (other_cvc_token, other_cvc_vault) = self
             .cvc_token(&request, &record, kind, purpose, now)
             .await?
@@ -909,6 +1074,43 @@ impl Gateway {
     }
 }
 
+/// The idempotency hash of a tokenize: every field but the secret data, which is represented
+/// by the facts PCI DSS allows to be kept (first six, last four, length, expiry), so no card
+/// number is ever hashed in the clear.
+fn tokenize_hash(request: &TokenizeRequest) -> Vec<u8> {
+    let digits = |text: &str| text.chars().filter(char::is_ascii_digit).collect::<String>();
+    let edges = |text: &str| {
+        let chars: Vec<char> = text.chars().collect();
+        let head: String = chars.iter().take(6).collect();
+        let tail: String = chars.iter().skip(chars.len().saturating_sub(4)).collect();
+        format!("{head}|{tail}|{}", chars.len())
+    };
+    let facts = match &request.data {
+        Some(tokenize_request::Data::Card(card)) => {
+            format!("card|{}|{}|{}", edges(&digits(&card.number)), card.expiry_month, card.expiry_year)
+        }
+        Some(tokenize_request::Data::BankAccount(account)) => {
+            let iban: String = account.iban.chars().filter(|c| !c.is_whitespace()).collect();
+            format!("bank|{}|{}", edges(&iban), account.bic)
+        }
+        Some(tokenize_request::Data::Contact(contact)) => {
+            format!("contact|{}|{}", edges(&contact.email), edges(&contact.phone))
+        }
+        None => "none".to_owned(),
+    };
+    request_hash(&[
+        b"Tokenize",
+        request.merchant_id.as_bytes(),
+        facts.as_bytes(),
+        &request.format.to_be_bytes(),
+        request.shopper_reference.as_bytes(),
+        &[u8::from(request.deduplicate), u8::from(request.provisional), u8::from(!request.cvc.is_empty())],
+        &request.kind.to_be_bytes(),
+        request.merchant_reference.as_bytes(),
+        &[u8::from(request.strict_merchant_reference)],
+    ])
+}
+
 fn reply<T>(result: Result<T, ApiError>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(|err| {
         tracing::debug!(code = ?err.code, reason = %err.reason, "request refused");
@@ -919,6 +1121,42 @@ fn reply<T>(result: Result<T, ApiError>) -> Result<Response<T>, Status> {
 #[tonic::async_trait]
 impl Tokenization for TokenizationService {
     type ImportTokensStream = crate::import::ImportStream;
+    type SubscribeEventsStream = crate::events::EventStream;
+
+    async fn report_authorization(
+        &self,
+        request: Request<ReportAuthorizationRequest>,
+    ) -> Result<Response<ReportAuthorizationResponse>, Status> {
+        let caller = caller(&request);
+        let mut request = request.into_inner();
+        let key = std::mem::take(&mut request.idempotency_key);
+        let hash = request_hash(&[
+            b"ReportAuthorization",
+            request.merchant_id.as_bytes(),
+            request.token.as_bytes(),
+            &request.outcome.to_be_bytes(),
+            request.acquiring_agreement.as_bytes(),
+            request.merchant_reference.as_bytes(),
+            &[u8::from(request.strict_merchant_reference)],
+        ]);
+        let merchant_id = request.merchant_id.clone();
+        let work = self.0.report_authorization(caller.clone(), request);
+        reply(self.0.idempotent(caller.as_deref(), &merchant_id, &key, "ReportAuthorization", hash, work).await)
+    }
+
+    async fn subscribe_events(
+        &self,
+        request: Request<SubscribeEventsRequest>,
+    ) -> Result<Response<Self::SubscribeEventsStream>, Status> {
+        let caller = caller(&request);
+        let request = request.into_inner();
+        let start = || -> Result<_, ApiError> {
+            validate::merchant_id(&request.merchant_id)?;
+            self.0.policy.authorize(caller.as_deref(), Operation::ReadMetadata, &request.merchant_id)?;
+            crate::events::subscribe(Arc::clone(&self.0), &request)
+        };
+        reply(start())
+    }
 
     async fn import_tokens(
         &self,
@@ -932,12 +1170,14 @@ impl Tokenization for TokenizationService {
         )))
     }
 
-    async fn tokenize(
-        &self,
-        request: Request<TokenizeRequest>,
-    ) -> Result<Response<TokenizeResponse>, Status> {
+    async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
         let caller = caller(&request);
-        reply(self.0.tokenize(caller, request.into_inner()).await)
+        let mut request = request.into_inner();
+        let key = std::mem::take(&mut request.idempotency_key);
+        let hash = tokenize_hash(&request);
+        let merchant_id = request.merchant_id.clone();
+        let work = self.0.tokenize(caller.clone(), request);
+        reply(self.0.idempotent(caller.as_deref(), &merchant_id, &key, "Tokenize", hash, work).await)
     }
 
     async fn get_token(&self, request: Request<GetTokenRequest>) -> Result<Response<Token>, Status> {
@@ -953,17 +1193,24 @@ impl Tokenization for TokenizationService {
         reply(self.0.detokenize(caller, request.into_inner()).await)
     }
 
-    async fn delete_token(
-        &self,
-        request: Request<DeleteTokenRequest>,
-    ) -> Result<Response<DeleteTokenResponse>, Status> {
+    async fn delete_token(&self, request: Request<DeleteTokenRequest>) -> Result<Response<DeleteTokenResponse>, Status> {
         let caller = caller(&request);
-        reply(self.0.delete_token(caller, request.into_inner()).await)
+        let mut request = request.into_inner();
+        let key = std::mem::take(&mut request.idempotency_key);
+        let hash = request_hash(&[b"DeleteToken", request.merchant_id.as_bytes(), request.token.as_bytes()]);
+        let merchant_id = request.merchant_id.clone();
+        let work = self.0.delete_token(caller.clone(), request);
+        reply(self.0.idempotent(caller.as_deref(), &merchant_id, &key, "DeleteToken", hash, work).await)
     }
 
     async fn confirm_token(&self, request: Request<ConfirmTokenRequest>) -> Result<Response<Token>, Status> {
         let caller = caller(&request);
-        reply(self.0.confirm_token(caller, request.into_inner()).await)
+        let mut request = request.into_inner();
+        let key = std::mem::take(&mut request.idempotency_key);
+        let hash = request_hash(&[b"ConfirmToken", request.merchant_id.as_bytes(), request.token.as_bytes(), request.payment_reference.as_bytes()]);
+        let merchant_id = request.merchant_id.clone();
+        let work = self.0.confirm_token(caller.clone(), request);
+        reply(self.0.idempotent(caller.as_deref(), &merchant_id, &key, "ConfirmToken", hash, work).await)
     }
 
     async fn list_tokens(
@@ -974,12 +1221,14 @@ impl Tokenization for TokenizationService {
         reply(self.0.list_tokens(caller, request.into_inner()).await)
     }
 
-    async fn extend_retention(
-        &self,
-        request: Request<ExtendRetentionRequest>,
-    ) -> Result<Response<Token>, Status> {
+    async fn extend_retention(&self, request: Request<ExtendRetentionRequest>) -> Result<Response<Token>, Status> {
         let caller = caller(&request);
-        reply(self.0.extend_retention(caller, request.into_inner()).await)
+        let mut request = request.into_inner();
+        let key = std::mem::take(&mut request.idempotency_key);
+        let hash = request_hash(&[b"ExtendRetention", request.merchant_id.as_bytes(), request.token.as_bytes(), &request.months.to_be_bytes()]);
+        let merchant_id = request.merchant_id.clone();
+        let work = self.0.extend_retention(caller.clone(), request);
+        reply(self.0.idempotent(caller.as_deref(), &merchant_id, &key, "ExtendRetention", hash, work).await)
     }
 
     async fn get_token_history(

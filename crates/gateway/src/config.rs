@@ -31,6 +31,9 @@ pub struct GatewayConfig {
     /// Token lifecycle timing.
     #[serde(default)]
     pub lifecycle: Lifecycle,
+    /// Limits on retrying declined cards (the schemes' rules by default).
+    #[serde(default)]
+    pub retry_guard: crate::retry_guard::RetryGuardConfig,
     /// Hooks for end-to-end tests; never set in production.
     #[serde(default)]
     pub testing: Testing,

@@ -16,6 +16,8 @@ pub struct ApiError {
     pub message: String,
     /// The request field at fault, when there is one.
     pub field: Option<&'static str>,
+    /// More non-sensitive `ErrorInfo` metadata, e.g. when a block ends.
+    pub metadata: Vec<(&'static str, String)>,
 }
 
 impl fmt::Debug for ApiError {
@@ -39,6 +41,7 @@ impl ApiError {
             reason: reason.into(),
             message: message.into(),
             field: None,
+            metadata: Vec::new(),
         }
     }
 
@@ -76,7 +79,12 @@ impl ApiError {
 
 impl From<ApiError> for tonic::Status {
     fn from(err: ApiError) -> Self {
-        let metadata: Vec<(&str, &str)> = err.field.map(|field| ("field", field)).into_iter().collect();
+        let metadata: Vec<(&str, &str)> = err
+            .field
+            .map(|field| ("field", field))
+            .into_iter()
+            .chain(err.metadata.iter().map(|(key, value)| (*key, value.as_str())))
+            .collect();
         let details = encode_status_details(err.code as i32, &err.message, &err.reason, &metadata);
         tonic::Status::with_details(err.code, err.message, details.into())
     }

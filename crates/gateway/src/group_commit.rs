@@ -71,6 +71,8 @@ pub enum WriteOp {
         retain_until: Option<UnixMillis>,
         cvc_token: Option<String>,
     },
+    /// Record an authorisation outcome and apply the retry guard's rules.
+    ReportAuthorization(Box<crate::retry_guard::Report>),
     /// Extend retention within the cap.
     Extend {
         journal: Journal,
@@ -92,6 +94,8 @@ pub enum WriteReply {
     Record(Option<Box<TokenRecord>>),
     /// `false` when the token stopped being usable first.
     Used(bool),
+    /// The card's retry-guard state after a report.
+    Reported(crate::retry_guard::ReportState),
 }
 
 struct Pending {
@@ -264,6 +268,7 @@ async fn run(pool: &AnyPool, ops: &[&WriteOp]) -> Result<Vec<WriteReply>, StoreE
                     WriteReply::Record(None)
                 }
             }
+            WriteOp::ReportAuthorization(report) => WriteReply::Reported(crate::retry_guard::apply(&mut tx, report).await?),
             WriteOp::RecordUse {
                 journal,
                 consume,
@@ -408,6 +413,7 @@ async fn insert_journals(tx: &mut Tx<'_>, journals: &[&Journal]) -> Result<(), S
         }
         query.execute(&mut **tx).await?;
     }
+    crate::events::insert_events(tx, journals).await?;
     Ok(())
 }
 

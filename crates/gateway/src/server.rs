@@ -36,6 +36,7 @@ pub async fn build(config: &GatewayConfig, clock: Clock) -> Result<Arc<Gateway>,
         keys: KeyRing::default(),
         clock,
         lifecycle: config.lifecycle.clone(),
+        retry_guard: config.retry_guard.clone(),
     }))
 }
 
@@ -63,6 +64,7 @@ pub async fn serve(
     tokio::spawn(sweeper::run(
         Arc::downgrade(&gateway),
         Duration::from_secs(config.lifecycle.sweep_interval_secs),
+        sweeper::holder_name(config.listen),
     ));
     let tokenization =
         TokenizationServer::new(TokenizationService(gateway)).max_decoding_message_size(MAX_REQUEST_BYTES);

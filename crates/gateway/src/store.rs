@@ -290,6 +290,22 @@ impl Store {
         }
     }
 
+    /// Records an authorisation outcome through the group-commit writer.
+    pub async fn report_authorization(
+        &self,
+        report: crate::retry_guard::Report,
+    ) -> Result<crate::retry_guard::ReportState, StoreError> {
+        match self.writer.write(WriteOp::ReportAuthorization(Box::new(report))).await? {
+            WriteReply::Reported(state) => Ok(state),
+            _ => Err(StoreError::Query("unexpected reply".into())),
+        }
+    }
+
+    /// The read pool, for the modules that keep their own queries (events, payment safety).
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }
@@ -357,15 +373,8 @@ impl Store {
 
     /// Inserts a token record and its journal entry, committed with whatever else is being
     /// written at the moment. `Duplicate` when the token already exists.
-    pub async fn insert_token(
-        &self,
-        record: &TokenRecord,
-        entry: &JournalEntry<'_>,
-    ) -> Result<(), StoreError> {
-        let op = WriteOp::InsertToken {
-            record: Box::new(record.clone()),
-            journal: entry.into(),
-        };
+    pub async fn insert_token(&self, record: &TokenRecord, journal: &Journal) -> Result<(), StoreError> {
+        let op = WriteOp::InsertToken { record: Box::new(record.clone()), journal: journal.clone() };
         match self.writer.write(op).await? {
             WriteReply::Inserted(true) => Ok(()),
             _ => Err(StoreError::Duplicate),
@@ -588,6 +597,38 @@ impl Store {
         }
         Ok(swept)
     }
+
+    /// Takes or renews the lease on background job `job` for `holder` until `now + ttl`, and
+    /// returns whether `holder` now holds it. One conditional upsert decides: the row is
+    /// written only when nobody holds the lease, it has run out, or `holder` already holds it,
+    /// so of several gateways asking at once exactly one gets it (PostgreSQL serialises the
+    /// conflicting inserts on the primary key; SQLite has one writer).
+    ///
+    /// `now` is wall-clock time shared by every gateway (never a test clock): a lease measures
+    /// how long its holder may have been gone, so `ttl` must exceed the clock skew between
+    /// hosts by a wide margin.
+    pub async fn try_take_lease(
+        &self,
+        job: &str,
+        holder: &str,
+        now: UnixMillis,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let taken = sqlx::query(
+            "INSERT INTO job_leases (job, holder, lease_until) VALUES ($1, $2, $3) \
+             ON CONFLICT (job) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until \
+             WHERE job_leases.lease_until <= $4 OR job_leases.holder = excluded.holder",
+        )
+        .bind(job)
+        .bind(holder)
+        .bind(now.saturating_add(ttl_ms))
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(taken == 1)
+    }
 }
 
 pub(crate) async fn select_token(
@@ -652,6 +693,7 @@ pub(crate) async fn insert_journal(tx: &mut Tx<'_>, entry: &Journal) -> Result<(
     .bind(&entry.detail)
     .execute(&mut **tx)
     .await?;
+    crate::events::insert_events(tx, &[entry]).await?;
     Ok(())
 }
 
