@@ -760,3 +760,72 @@ impl Stack {
         ]
     }
 }
+
+// --- Sealed start and audit log (issue 8) ---
+
+/// Runs `tessera ARGS` and returns its output whatever its exit status, for commands a test
+/// expects to fail.
+pub fn try_tessera<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(binaries().tessera)
+        .args(args)
+        .output()
+        .expect("run tessera")
+}
+
+impl Stack {
+    /// Stops vault 0 with SIGTERM, as an operator would (a clean shutdown: the audit log gets
+    /// its shutdown seal), waits for it to exit (SIGKILL after 20 s) and reaps it.
+    ///
+    /// Written against the stack's public methods only: the process is found by the
+    /// configuration path on its command line.
+    pub fn stop_vault(&mut self) {
+        let config = self.vault_config_path();
+        if let Some(pid) = pid_with_argument(config.as_os_str()) {
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Path::new("/proc").join(&pid).join("cmdline").exists() && !is_zombie(&pid) {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                sleep(Duration::from_millis(50));
+            }
+        }
+        // Reaps the exited child (or kills it if it did not stop in time).
+        self.kill_vault();
+    }
+
+    /// `--vault ADDR --certs-dir DIR`: the connection flags of `tessera vault ...` commands
+    /// against vault 0 as the operator identity.
+    pub fn operator_args(&self) -> Vec<String> {
+        vec![
+            "--vault".to_owned(),
+            self.vault_addr().to_string(),
+            "--certs-dir".to_owned(),
+            path_string(self.pki().dir()),
+        ]
+    }
+}
+
+/// The pid of a running process that has `argument` on its command line.
+fn pid_with_argument(argument: &OsStr) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let wanted = argument.as_bytes();
+    fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().to_str()?.to_owned();
+        pid.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+        let cmdline = fs::read(entry.path().join("cmdline")).ok()?;
+        (cmdline.split(|&b| b == 0).any(|arg| arg == wanted) && !is_zombie(&pid)).then_some(pid)
+    })
+}
+
+/// Whether `pid` has exited but is not reaped yet.
+fn is_zombie(pid: &str) -> bool {
+    fs::read_to_string(Path::new("/proc").join(pid).join("stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(true)
+}

@@ -53,6 +53,10 @@ const SEALED: VaultError = VaultError::new(
     "the vault is sealed; operators must unseal it",
 );
 
+/// The audit log's caller for what the vault does on its own (start, stop). Client identities
+/// are URIs, so this name cannot be confused with one.
+const SELF: &str = "vault";
+
 /// Card-data operations while the audit log cannot be written: fail closed.
 const AUDIT_UNAVAILABLE: VaultError = VaultError::new(
     code::UNAVAILABLE,
@@ -296,7 +300,7 @@ impl Vault {
 
     /// The first audit record of a run: how the vault started and how the last run left the log.
     pub fn record_start(&self, prior_log: &str) {
-        let mut batch = self.audit.batch("");
+        let mut batch = self.audit.batch(SELF);
         batch.record(
             "vault-start",
             "ok",
@@ -312,7 +316,7 @@ impl Vault {
 
     /// The last audit record of a run, and the shutdown seal.
     pub fn record_stop(&self) {
-        let mut batch = self.audit.batch("");
+        let mut batch = self.audit.batch(SELF);
         batch.record("vault-stop", "ok", &[]);
         let _ = self.audit.append(&batch);
         self.audit.finish();
