@@ -188,20 +188,25 @@ impl VaultConfig {
         if !(1..=86_400).contains(&config.cvc_ttl_secs) {
             return Err(ConfigError::Invalid("cvc_ttl_secs must be 1 to 86400".into()));
         }
-        match &config.audit {
-            None if config.mode == Mode::Production => {
-                return Err(ConfigError::Invalid(
-                    "production mode requires an [audit] log (path = ...)".into(),
-                ))
-            }
-            Some(audit) if audit.block_lines == 0 || !(10..=60_000).contains(&audit.seal_interval_ms) => {
+        if let Some(audit) = &config.audit {
+            if audit.block_lines == 0 || !(10..=60_000).contains(&audit.seal_interval_ms) {
                 return Err(ConfigError::Invalid(
                     "[audit] block_lines must be positive and seal_interval_ms 10 to 60000".into(),
-                ))
+                ));
             }
-            _ => {}
         }
         Ok(config)
+    }
+
+    /// What production mode requires beyond a valid file: an audit log. (Checked after the
+    /// refusal of debug builds, so that one is reported first.)
+    pub fn check_production(&self) -> Result<(), ConfigError> {
+        if self.mode == Mode::Production && self.audit.is_none() {
+            return Err(ConfigError::Invalid(
+                "production mode requires an [audit] log (path = ...)".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The allow-list by identity.
@@ -287,9 +292,13 @@ mod tests {
     #[test]
     fn production_requires_an_audit_log() {
         let text = EXAMPLE.replace("mode = \"development\"", "mode = \"production\"");
-        assert!(matches!(VaultConfig::parse(&text), Err(ConfigError::Invalid(_))));
-        let with_audit = text + "[audit]\npath = \"audit.log\"\n";
-        assert!(VaultConfig::parse(&with_audit).is_ok());
+        let without = VaultConfig::parse(&text).map_err(|e| e.to_string());
+        assert!(matches!(
+            without.map(|c| c.check_production()),
+            Ok(Err(ConfigError::Invalid(_)))
+        ));
+        let with_audit = VaultConfig::parse(&(text + "[audit]\npath = \"audit.log\"\n"));
+        assert!(matches!(with_audit.map(|c| c.check_production()), Ok(Ok(()))));
     }
 
     #[test]

@@ -47,6 +47,7 @@ async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -
     if config.mode == Mode::Production && is_debug_build() {
         return Err("refusing to run a debug build in production mode; build with --release".into());
     }
+    config.check_production().map_err(|err| err.to_string())?;
     let tls = tls::server_config(&config.tls)?;
     let (keys, source_name) = match &config.master_key {
         MasterKeyConfig::DevelopmentFile {
