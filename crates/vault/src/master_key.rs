@@ -1,6 +1,6 @@
-//! Where the master key comes from. Everything else in the vault sees only a loaded
-//! [`MasterKey`]; a sealed start with key shares or an HSM is another implementation of
-//! [`MasterKeySource`].
+//! Where the master key comes from at start. Everything else in the vault sees only a loaded
+//! [`MasterKey`]; an HSM would be another implementation of [`MasterKeySource`]. A sealed start
+//! ([`crate::sealing`]) is not one: its key arrives after start, through the Unseal RPC.
 
 use std::fmt::{self, Write as _};
 use std::io::Write;

@@ -836,7 +836,12 @@ impl Vault {
         sealed.reset();
         // No clear() on the CVC store: purging as of a moment past the longest TTL wipes all.
         let far = Instant::now()
-            .checked_add(self.limits.cvc_ttl * 2 + Duration::from_secs(1))
+            .checked_add(
+                self.limits
+                    .cvc_ttl
+                    .saturating_mul(2)
+                    .saturating_add(Duration::from_secs(1)),
+            )
             .unwrap_or_else(Instant::now);
         let wiped = self.cvcs.purge_expired(far);
         let mut batch = self.audit.batch(caller);
@@ -849,6 +854,8 @@ impl Vault {
         let _ = self.commit(&batch);
         // Signs the block (including the seal record) with the key that is going away.
         self.audit.set_signer(None);
+        // Calls already in flight finish with their own reference; the master key and the
+        // cached keys are wiped when the last of them ends.
         drop(previous);
         tracing::warn!(caller, cvcs_wiped = wiped, "vault sealed by an operator");
         Ok(SealResponse {})
