@@ -179,7 +179,16 @@ pub fn render_configs(layout: &StackLayout) -> Result<RenderedConfigs, StackErro
         callers: vec![Caller {
             identity: "spiffe://tessera/dev-client",
             merchants: vec!["*"],
-            operations: vec!["tokenize", "read_metadata", "detokenize", "delete"],
+            // The development caller may do everything, so every flow can be tried by hand.
+            operations: vec![
+                "tokenize",
+                "read_metadata",
+                "list",
+                "detokenize",
+                "detokenize_merchant_initiated",
+                "delete",
+                "extend",
+            ],
         }],
     };
     Ok(RenderedConfigs {
@@ -388,8 +397,9 @@ struct Binaries {
     gateway: PathBuf,
 }
 
-/// Finds the server binaries next to this executable, building them first when run by cargo
-/// and they are not there yet (a fresh clone running `cargo run -p tessera-cli -- up`).
+/// Finds the server binaries next to this executable. Under `cargo run` it builds them first
+/// (a no-op when they are up to date), so a fresh clone works and an edited server is never
+/// run stale; outside cargo it uses what is there.
 async fn locate_binaries() -> Result<Binaries, StackError> {
     let exe = std::env::current_exe().map_err(io_error("cannot locate the tessera executable"))?;
     let dir = exe.parent().unwrap_or(Path::new("."));
@@ -403,11 +413,11 @@ async fn locate_binaries() -> Result<Binaries, StackError> {
             .find(|path| !path.is_file())
             .cloned()
     };
-    let Some(absent) = missing() else {
-        return Ok(binaries);
-    };
     let Some(cargo) = std::env::var_os("CARGO") else {
-        return Err(StackError::MissingBinary(absent));
+        return match missing() {
+            None => Ok(binaries),
+            Some(absent) => Err(StackError::MissingBinary(absent)),
+        };
     };
 
     let mut command = Command::new(&cargo);
@@ -421,10 +431,7 @@ async fn locate_binaries() -> Result<Binaries, StackError> {
     if workspace.join("Cargo.toml").is_file() {
         command.current_dir(&workspace);
     }
-    eprintln!(
-        "{} is not built yet; running cargo build -p {VAULT_BINARY} -p {GATEWAY_BINARY}",
-        absent.display()
-    );
+    eprintln!("running cargo build -p {VAULT_BINARY} -p {GATEWAY_BINARY}");
     let status = command
         .status()
         .await
@@ -711,14 +718,19 @@ pub fn grpcurl_examples(certs_dir: &Path, gateway_addr: SocketAddr) -> Vec<Strin
             path(&pki::key_file("dev-client")),
         )
     };
-    let card = r#"{"merchant_id":"m_demo","card":{"number":"4111111111111111","expiry_month":12,"expiry_year":2030,"holder_name":"Ada Lovelace"}}"#;
+    let card = r#"{"merchant_id":"m_demo","shopper_reference":"shopper-1","card":{"number":"4111111111111111","expiry_month":12,"expiry_year":2030,"holder_name":"Ada Lovelace"}}"#;
     let token = r#"{"merchant_id":"m_demo","token":"<token from above>"}"#;
+    // A detokenize states why: here a cardholder's one-click payment with a stored card.
+    let one_click = r#"{"merchant_id":"m_demo","token":"<token from above>","shopper_reference":"shopper-1","purpose":{"initiator":"INITIATOR_CARDHOLDER","recurring_model":"RECURRING_MODEL_CARD_ON_FILE","shopper_interaction":"SHOPPER_INTERACTION_ECOMMERCE"}}"#;
+    let list = r#"{"merchant_id":"m_demo","shopper_reference":"shopper-1"}"#;
     vec![
         format!("{base} list"),
         format!("{base} describe tessera.v1.Tokenization"),
         with_data(card, "Tokenize"),
         with_data(token, "GetToken"),
-        with_data(token, "Detokenize"),
+        with_data(one_click, "Detokenize"),
+        with_data(list, "ListTokens"),
+        with_data(token, "GetTokenHistory"),
     ]
 }
 
@@ -865,7 +877,10 @@ mod tests {
             .iter()
             .map(|op| op.as_str().unwrap())
             .collect();
-        assert_eq!(operations, ["tokenize", "read_metadata", "detokenize", "delete"]);
+        assert_eq!(
+            operations,
+            ["tokenize", "read_metadata", "list", "detokenize", "detokenize_merchant_initiated", "delete", "extend"]
+        );
         assert_eq!(gateway.len(), 5, "no unexpected keys: {gateway:?}");
     }
 
@@ -915,7 +930,7 @@ mod tests {
              -authority tessera-gateway 127.0.0.1:8443 list"
         );
         assert!(examples[2].ends_with("127.0.0.1:8443 tessera.v1.Tokenization/Tokenize"));
-        assert!(examples[2].contains(r#"-d '{"merchant_id":"m_demo","card":{"number":"4111111111111111""#));
+        assert!(examples[2].contains(r#"-d '{"merchant_id":"m_demo","shopper_reference":"shopper-1","card":{"number":"4111111111111111""#));
         assert!(examples[4].ends_with("tessera.v1.Tokenization/Detokenize"));
 
         let odd = grpcurl_examples(Path::new("my certs/it's"), "127.0.0.1:8443".parse().unwrap());
