@@ -730,53 +730,6 @@ where
 }
 
 impl Stack {
-    /// Stops the vault with SIGTERM, as an operator would (a clean shutdown: the audit log gets
-    /// its shutdown seal), and waits for it to exit; kills it after 20 s.
-    pub fn stop_vault(&mut self) {
-        if let Some(mut child) = self.vault.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    break;
-                }
-                sleep(Duration::from_millis(50));
-            }
-            let _ = child.wait();
-        }
-    }
-
-    /// `--vault ADDR --certs-dir DIR`: the connection flags of `tessera vault ...` commands
-    /// against this stack's vault as the operator identity.
-    pub fn operator_args(&self) -> Vec<String> {
-        vec![
-            "--vault".to_owned(),
-            self.vault_addr.to_string(),
-            "--certs-dir".to_owned(),
-            path_string(self.pki.dir()),
-        ]
-    }
-}
-
-// --- Sealed start and audit log (issue 8) ---
-
-/// Runs `tessera ARGS` and returns its output whatever its exit status, for commands a test
-/// expects to fail.
-pub fn try_tessera<I, S>(args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    Command::new(binaries().tessera)
-        .args(args)
-        .output()
-        .expect("run tessera")
-}
-
-impl Stack {
     /// Stops vault 0 with SIGTERM, as an operator would (a clean shutdown: the audit log gets
     /// its shutdown seal), waits for it to exit (SIGKILL after 20 s) and reaps it.
     ///
