@@ -178,7 +178,8 @@ impl Measurement {
 
 /// A scenario's numbers divided by the floor's. Throughput above 1.0 beats the floor;
 /// latencies below 1.0 beat it. `None` where the floor's value is zero, and latencies are
-/// `None` when either side had no successful request (there is nothing to compare).
+/// `None` when either side had no successful request (there is nothing to compare), and for
+/// import, whose latencies are those of whole chunks and so not comparable with one relay.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct FloorRatio {
     pub throughput: Option<f64>,
@@ -194,9 +195,9 @@ fn ratio(numerator: f64, denominator: f64) -> Option<f64> {
 
 impl FloorRatio {
     pub fn new(scenario: &Measurement, floor: &Measurement) -> Self {
-        let both_answered = scenario.requests > 0 && floor.requests > 0;
+        let comparable = scenario.requests > 0 && floor.requests > 0 && scenario.import.is_none();
         let latency = |pick: fn(&Latency) -> u64| {
-            ratio(pick(&scenario.latency_us) as f64, pick(&floor.latency_us) as f64).filter(|_| both_answered)
+            ratio(pick(&scenario.latency_us) as f64, pick(&floor.latency_us) as f64).filter(|_| comparable)
         };
         Self {
             throughput: ratio(scenario.throughput_rps, floor.throughput_rps),
@@ -226,12 +227,19 @@ pub struct ScenarioReport {
 }
 
 impl ScenarioReport {
+    /// A measured scenario. A window in which nothing completed, neither answer nor error,
+    /// gets a note: zeros alone would read like a server that does nothing.
     pub fn measured(scenario: &str, result: Measurement, floor: Option<Measurement>) -> Self {
         let vs_floor = floor.as_ref().map(|floor| FloorRatio::new(&result, floor));
+        let note = (result.requests == 0 && result.errors == 0).then(|| {
+            "nothing completed inside the measured window: each request took longer than \
+             --warmup plus --duration (fewer in flight or smaller import chunks help)"
+                .to_owned()
+        });
         Self {
             scenario: scenario.to_owned(),
             available: true,
-            note: None,
+            note,
             result: Some(result),
             floor,
             vs_floor,
@@ -310,8 +318,11 @@ impl Report {
         );
         for scenario in &self.scenarios {
             match (&scenario.result, &scenario.note) {
-                (Some(result), _) => {
+                (Some(result), note) => {
                     row(&mut out, &scenario.scenario, result);
+                    if let Some(note) = note {
+                        let _ = writeln!(out, "  {note}");
+                    }
                     if let Some(floor) = &scenario.floor {
                         row(&mut out, "  floor", floor);
                     }
@@ -465,6 +476,42 @@ mod tests {
             "{}",
             m.latency_us.max
         );
+        let floor = Measurement::new(
+            &histogram_of([100; 10]),
+            BTreeMap::new(),
+            Duration::from_secs(1),
+            CpuUse::default(),
+        );
+        let vs = FloorRatio::new(&m, &floor);
+        assert_eq!(
+            vs.throughput,
+            Some(50.0),
+            "items per second against relays per second"
+        );
+        assert_eq!(
+            vs.p50, None,
+            "a chunk's latency is not comparable with one relay's"
+        );
+    }
+
+    #[test]
+    fn an_empty_window_is_explained() {
+        let nothing = Measurement::new(
+            &new_histogram().unwrap(),
+            BTreeMap::new(),
+            Duration::from_secs(1),
+            CpuUse::default(),
+        );
+        let report = ScenarioReport::measured("import", nothing, None);
+        assert!(report.available);
+        assert!(report.note.unwrap().starts_with("nothing completed"));
+        let answered = Measurement::new(
+            &histogram_of([5]),
+            BTreeMap::new(),
+            Duration::from_secs(1),
+            CpuUse::default(),
+        );
+        assert_eq!(ScenarioReport::measured("tokenize", answered, None).note, None);
     }
 
     #[test]
