@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "proto/tessera/vault/v1/vault.proto",
     "proto/google/rpc/status.proto",
     "proto/tessera/bench/v1/floor.proto",
+    "proto/tessera/v1/admin.proto",
 ];
 
 /// Messages that carry card data, bank data, contact data or a CVC: they (and the oneofs

@@ -9,6 +9,7 @@ mod bench_load;
 mod bench_report;
 mod bench_stack;
 mod import_file;
+mod keys_admin;
 mod pki;
 mod stack;
 mod vault_admin;
@@ -41,6 +42,12 @@ enum Command {
     Vault {
         #[command(subcommand)]
         command: VaultCommand,
+    },
+    /// Key rotation through the gateway: rotate a merchant's data key, show progress,
+    /// re-wrap every key after a master-key change.
+    Keys {
+        #[command(subcommand)]
+        command: keys_admin::KeysCommand,
     },
     /// The vault's tamper-evident audit log.
     Audit {
@@ -158,6 +165,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Vault { command } => run_vault(command),
+        Command::Keys { command } => run_keys(command),
         Command::Audit {
             command:
                 AuditCommand::Verify {
@@ -252,6 +260,14 @@ fn run_vault(command: VaultCommand) -> Result<(), Box<dyn std::error::Error>> {
             VaultCommand::Status { connection } => vault_admin::status(&connection).await,
         }
     })?;
+    Ok(())
+}
+
+fn run_keys(command: keys_admin::KeysCommand) -> Result<(), Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(keys_admin::run(command))?;
     Ok(())
 }
 

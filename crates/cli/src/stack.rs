@@ -189,6 +189,12 @@ pub fn render_configs(layout: &StackLayout) -> Result<RenderedConfigs, StackErro
                 "delete",
                 "extend",
             ],
+        },
+        // The operator identity of `tessera keys ...` (key rotation and its status).
+        Caller {
+            identity: "spiffe://tessera/operator",
+            merchants: vec!["*"],
+            operations: vec!["rotate_keys", "read_metadata"],
         }],
     };
     Ok(RenderedConfigs {
@@ -867,7 +873,8 @@ mod tests {
             "/abs/certs/gateway-client-key.pem"
         );
         let callers = get(&gateway, "callers").as_array().unwrap();
-        assert_eq!(callers.len(), 1);
+        assert_eq!(callers.len(), 2);
+        assert_eq!(callers[1]["identity"].as_str(), Some("spiffe://tessera/operator"));
         let caller = &callers[0];
         assert_eq!(caller["identity"].as_str(), Some("spiffe://tessera/dev-client"));
         assert_eq!(caller["merchants"].as_array().unwrap(), &[toml::Value::from("*")]);

@@ -3,6 +3,7 @@
 //! operation that touches card data. It holds no usable key and does not link the vault crate.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod clock;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod import;
 pub mod keyring;
 pub mod policy;
 pub mod purpose;
+pub mod reencrypt;
 pub mod retry_guard;
 pub mod server;
 pub mod store;

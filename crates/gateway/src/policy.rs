@@ -24,6 +24,8 @@ pub enum Operation {
     Delete,
     /// Extend a token's retention.
     Extend,
+    /// Rotate a merchant's data key; with merchant `"*"`, re-wrap every key (KEK rotation).
+    RotateKeys,
 }
 
 impl Operation {
@@ -36,6 +38,7 @@ impl Operation {
             Self::DetokenizeMerchantInitiated => "detokenize_merchant_initiated",
             Self::Delete => "delete",
             Self::Extend => "extend",
+            Self::RotateKeys => "rotate_keys",
         }
     }
 }

@@ -5,11 +5,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tessera_api::v1::key_admin_server::KeyAdminServer;
 use tessera_api::v1::tokenization_server::TokenizationServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use crate::admin::KeyAdminService;
 use crate::api::{Gateway, TokenizationService};
 use crate::clock::Clock;
 use crate::config::GatewayConfig;
@@ -17,6 +19,7 @@ use crate::floor::FloorService;
 use crate::keyring::KeyRing;
 use crate::policy::Policy;
 use crate::store::Store;
+use crate::reencrypt;
 use crate::sweeper;
 use crate::vault_client::VaultClient;
 
@@ -66,6 +69,13 @@ pub async fn serve(
         Duration::from_secs(config.lifecycle.sweep_interval_secs),
         sweeper::holder_name(config.listen),
     ));
+    // Key rotation's re-encryption job, coordinated through its own lease like the sweeper.
+    tokio::spawn(reencrypt::run(
+        Arc::downgrade(&gateway),
+        sweeper::holder_name(config.listen),
+        reencrypt::grace(Duration::from_secs(config.limits.request_timeout_secs)),
+    ));
+    let key_admin = KeyAdminServer::new(KeyAdminService(Arc::clone(&gateway)));
     let tokenization =
         TokenizationServer::new(TokenizationService(gateway)).max_decoding_message_size(MAX_REQUEST_BYTES);
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -77,6 +87,7 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(tessera_api::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("tessera.v1.Tokenization")
+            .with_service_name("tessera.v1.KeyAdmin")
             .with_service_name("grpc.health.v1.Health")
     };
     let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
@@ -97,6 +108,7 @@ pub async fn serve(
         .timeout(Duration::from_secs(config.limits.request_timeout_secs))
         .tcp_nodelay(true)
         .add_service(tokenization)
+        .add_service(key_admin)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

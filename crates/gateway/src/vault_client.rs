@@ -8,8 +8,9 @@ use std::time::Duration;
 use tessera_api::error_details::decode_error_info;
 use tessera_api::vault::vault_client::VaultClient as GeneratedClient;
 use tessera_api::vault::{
-    protect_result, reveal_result, CreateKeysRequest, EchoRequest, ItemError, ProtectItem, ProtectRequest,
-    Protected, RevealItem, RevealRequest, Revealed, WrappedKey,
+    protect_result, reencrypt_result, reveal_result, rewrap_result, CreateKeysRequest, EchoRequest, ItemError,
+    ProtectItem, ProtectRequest, Protected, ReencryptItem, ReencryptRequest, Reencrypted, RevealItem,
+    RevealRequest, Revealed, RewrapKeysRequest, WrappedKey,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
@@ -269,6 +270,114 @@ impl VaultClient {
     }
 }
 
+/// Key rotation's vault calls (crate::reencrypt, crate::admin). Not batched with public
+/// traffic: they already carry many items each.
+impl VaultClient {
+    /// Creates a merchant's data key `version` alone (key rotation), returned wrapped.
+    pub async fn create_data_key(&self, merchant_id: &str, version: u32) -> Result<WrappedKey, ApiError> {
+        let request = CreateKeysRequest {
+            merchant_id: merchant_id.to_owned(),
+            data_key_version: version,
+            fingerprint_key_version: 0,
+        };
+        let response = self
+            .unary_with_failover(|mut client| {
+                let request = request.clone();
+                async move { client.create_keys(request).await }
+            })
+            .await?;
+        response
+            .data_key
+            .ok_or_else(|| ApiError::internal("VAULT_ERROR", "the vault returned no key"))
+    }
+
+    /// Re-encrypts records under a newer data key; each item succeeds or fails on its own.
+    pub async fn reencrypt(
+        &self,
+        keys: Vec<WrappedKey>,
+        items: Vec<ReencryptItem>,
+    ) -> Result<Vec<Result<Reencrypted, ApiError>>, ApiError> {
+        let request = ReencryptRequest { keys, items };
+        let response = self
+            .unary_with_failover(|mut client| {
+                let request = request.clone();
+                async move { client.reencrypt(request).await }
+            })
+            .await?;
+        Ok(response
+            .results
+            .into_iter()
+            .map(|result| match result.result {
+                Some(reencrypt_result::Result::Reencrypted(reencrypted)) => Ok(reencrypted),
+                Some(reencrypt_result::Result::Error(error)) => Err(item_error(error)),
+                None => Err(no_result()),
+            })
+            .collect())
+    }
+
+    /// Re-wraps keys with the vault's current master key (KEK rotation). Returns the results
+    /// in request order and the check value of the master key that now wraps them.
+    pub async fn rewrap_keys(
+        &self,
+        keys: Vec<WrappedKey>,
+    ) -> Result<(Vec<Result<WrappedKey, ApiError>>, String), ApiError> {
+        let request = RewrapKeysRequest { keys };
+        let response = self
+            .unary_with_failover(|mut client| {
+                let request = request.clone();
+                async move { client.rewrap_keys(request).await }
+            })
+            .await?;
+        let results = response
+            .results
+            .into_iter()
+            .map(|result| match result.result {
+                Some(rewrap_result::Result::Key(key)) => Ok(key),
+                Some(rewrap_result::Result::Error(error)) => Err(item_error(error)),
+                None => Err(no_result()),
+            })
+            .collect();
+        Ok((results, response.master_key_check_value))
+    }
+
+    /// One unary call on a vault in rotation, tried on the next one when a vault cannot be
+    /// reached (as [`Self::create_keys`] does): safe for calls whose answer is stored only
+    /// after it arrives.
+    async fn unary_with_failover<T, F, Fut>(&self, call: F) -> Result<T, ApiError>
+    where
+        F: Fn(GeneratedClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut attempts = 0;
+        loop {
+            let index = self.pool.route().await?;
+            let Some(endpoint) = self.pool.endpoint(index) else {
+                return Err(self.pool.down_error());
+            };
+            attempts += 1;
+            match call(endpoint.client()).await {
+                Ok(response) => {
+                    self.pool.mark_ok(index);
+                    return Ok(response.into_inner());
+                }
+                Err(status) => match CallFailure::of(&status) {
+                    CallFailure::Transport => {
+                        self.pool.mark_down(index, false);
+                        if attempts >= self.pool.len() {
+                            return Err(vault_call_error(&status));
+                        }
+                    }
+                    CallFailure::Refused { sealed } => {
+                        self.pool.mark_down(index, sealed);
+                        return Err(vault_call_error(&status));
+                    }
+                    CallFailure::Answered => return Err(vault_call_error(&status)),
+                },
+            }
+        }
+    }
+}
+
 /// Maps a per-item vault error to the public error it stands for.
 fn item_error(error: ItemError) -> ApiError {
     let code = Code::from_i32(error.code);
@@ -479,6 +588,20 @@ mod tests {
         }
 
         async fn seal(&self, _: Request<SealRequest>) -> Result<Response<SealResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+
+        async fn reencrypt(
+            &self,
+            _: Request<tessera_api::vault::ReencryptRequest>,
+        ) -> Result<Response<tessera_api::vault::ReencryptResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+
+        async fn rewrap_keys(
+            &self,
+            _: Request<tessera_api::vault::RewrapKeysRequest>,
+        ) -> Result<Response<tessera_api::vault::RewrapKeysResponse>, Status> {
             Err(Status::unimplemented("fake"))
         }
     }

@@ -126,6 +126,10 @@ pub enum MasterKeyConfig {
         path: PathBuf,
         #[serde(default)]
         create_if_missing: bool,
+        /// Master keys being retired (KEK rotation): key files the vault can still unwrap
+        /// with, never wrap with, until `tessera keys rewrap-all` has re-wrapped every key.
+        #[serde(default)]
+        previous_paths: Vec<PathBuf>,
     },
     /// Sealed start: the master key is created by `tessera vault init`, split into key shares,
     /// and rebuilt in memory only when `threshold` custodians submit theirs after each start.

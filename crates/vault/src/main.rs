@@ -49,10 +49,12 @@ async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -
     }
     config.check_production().map_err(|err| err.to_string())?;
     let tls = tls::server_config(&config.tls)?;
+    let mut previous_keys = Vec::new();
     let (keys, source_name) = match &config.master_key {
         MasterKeyConfig::DevelopmentFile {
             path,
             create_if_missing,
+            previous_paths,
         } => {
             if config.mode == Mode::Production {
                 return Err("the development key file is not allowed in production mode".into());
@@ -65,6 +67,16 @@ async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -
                 .load(&ring::rand::SystemRandom::new())
                 .map_err(|err| err.to_string())?;
             tracing::info!(key_check_value = %master.key_check_value(), source = source.describe(), "master key loaded");
+            for path in previous_paths {
+                let previous = DevelopmentKeyFile {
+                    path: path.clone(),
+                    create_if_missing: false,
+                }
+                .load(&ring::rand::SystemRandom::new())
+                .map_err(|err| err.to_string())?;
+                tracing::warn!(key_check_value = %previous.key_check_value(), "previous master key loaded for re-wrapping only (KEK rotation)");
+                previous_keys.push(previous);
+            }
             (KeySource::Loaded(master), source.describe())
         }
         MasterKeyConfig::Sealed {
@@ -101,7 +113,11 @@ async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -
         master_key_source: source_name,
         hardening,
     };
-    let vault = Arc::new(Vault::new(keys, audit, limits(&config), facts).map_err(|err| err.to_string())?);
+    let vault = Arc::new(
+        Vault::new(keys, audit, limits(&config), facts)
+            .map_err(|err| err.to_string())?
+            .with_previous_master_keys(previous_keys),
+    );
     vault.record_start(prior_log);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use tessera_api::data_checks::cvc_valid;
 use tessera_api::vault::{
-    protect_result, reveal_result, CreateKeysRequest, CreateKeysResponse, DataFacts, EchoRequest,
+    protect_result, reencrypt_result, reveal_result, rewrap_result, CreateKeysRequest, CreateKeysResponse, DataFacts, EchoRequest,
     EchoResponse, InitRequest, InitResponse, ItemError, KeyPurpose as ProtoPurpose, ProtectItem,
     ProtectRequest, ProtectResponse, ProtectResult, Protected, RevealItem, RevealRequest, RevealResponse,
-    RevealResult, Revealed, SealResponse, StatusResponse, TokenFormat, UnsealRequest, UnsealResponse,
+    ReencryptItem, ReencryptRequest, ReencryptResponse, ReencryptResult, Reencrypted, RevealResult, Revealed,
+    RewrapKeysRequest, RewrapKeysResponse, RewrapResult, SealResponse, StatusResponse, TokenFormat, UnsealRequest, UnsealResponse,
     WrappedKey,
 };
 use zeroize::Zeroizing;
@@ -23,7 +24,7 @@ use crate::card::today_utc;
 use crate::config::Mode;
 use crate::cvc::{CvcError, CvcStore};
 use crate::hardening::{is_debug_build, HardeningReport};
-use crate::keys::{KeyCache, KeyError, KeyId, KeyPurpose, MasterKey};
+use crate::keys::{DataKey, FingerprintKey, KeyCache, KeyError, KeyId, KeyPurpose, MasterKey};
 use crate::payload::{DataError, ValidData};
 use crate::record::{open_data, seal_data, NonceSequence, RecordAad, RecordError};
 use crate::sealing::{SealError, SealedStart, Submitted};
@@ -152,6 +153,9 @@ pub struct Vault {
     facts: VaultFacts,
     limits: VaultLimits,
     audit: AuditLog,
+    /// Master keys being retired during a KEK rotation: used to unwrap keys not yet re-wrapped,
+    /// never to wrap. Empty outside a rotation.
+    previous_masters: Vec<MasterKey>,
 }
 
 impl fmt::Debug for Vault {
@@ -273,7 +277,45 @@ impl Vault {
             facts,
             limits,
             audit,
+            previous_masters: Vec::new(),
         })
+    }
+
+    /// Holds `keys` as previous master keys for a KEK rotation: merchant keys they wrapped
+    /// still unwrap (so traffic keeps flowing) and RewrapKeys moves them to the current key.
+    pub fn with_previous_master_keys(mut self, keys: Vec<MasterKey>) -> Self {
+        self.previous_masters = keys;
+        self
+    }
+
+    /// A data key, from the cache or unwrapped with the current master key or, during a KEK
+    /// rotation, a previous one.
+    fn data_key(&self, unsealed: &Unsealed, id: &KeyId, blob: &[u8]) -> Result<Arc<DataKey>, KeyError> {
+        match unsealed.cache.data_key(&unsealed.master, id, blob) {
+            Err(err) if !self.previous_masters.is_empty() => self
+                .previous_masters
+                .iter()
+                .find_map(|master| unsealed.cache.data_key(master, id, blob).ok())
+                .ok_or(err),
+            other => other,
+        }
+    }
+
+    /// A fingerprint key, like [`Self::data_key`].
+    fn fingerprint_key(
+        &self,
+        unsealed: &Unsealed,
+        id: &KeyId,
+        blob: &[u8],
+    ) -> Result<Arc<FingerprintKey>, KeyError> {
+        match unsealed.cache.fingerprint_key(&unsealed.master, id, blob) {
+            Err(err) if !self.previous_masters.is_empty() => self
+                .previous_masters
+                .iter()
+                .find_map(|master| unsealed.cache.fingerprint_key(master, id, blob).ok())
+                .ok_or(err),
+            other => other,
+        }
     }
 
     /// The loaded keys, or `VAULT_SEALED`.
@@ -353,7 +395,9 @@ impl Vault {
                 "merchant_id must be 1 to 64 bytes",
             ));
         }
-        if request.data_key_version == 0 || request.fingerprint_key_version == 0 {
+        // A fingerprint-key version of 0 asks for a data key alone (a data-key rotation keeps
+        // the fingerprint key, so fingerprints stay comparable).
+        if request.data_key_version == 0 {
             return Err(VaultError::new(
                 code::INVALID_ARGUMENT,
                 "INVALID_KEY_VERSION",
@@ -381,11 +425,10 @@ impl Vault {
             })
         };
         let data_key = create(KeyPurpose::Data, ProtoPurpose::Data, request.data_key_version)?;
-        let fingerprint_key = create(
-            KeyPurpose::Fingerprint,
-            ProtoPurpose::Fingerprint,
-            request.fingerprint_key_version,
-        )?;
+        let fingerprint_key = match request.fingerprint_key_version {
+            0 => None,
+            version => Some(create(KeyPurpose::Fingerprint, ProtoPurpose::Fingerprint, version)?),
+        };
         let mut batch = self.audit.batch(caller);
         batch.record(
             "create-keys",
@@ -395,7 +438,9 @@ impl Vault {
                 ("data_key_version", &request.data_key_version.to_string()),
                 (
                     "fingerprint_key_version",
-                    &request.fingerprint_key_version.to_string(),
+                    &fingerprint_key
+                        .as_ref()
+                        .map_or(String::new(), |key| key.version.to_string()),
                 ),
             ],
         );
@@ -403,7 +448,7 @@ impl Vault {
         tracing::info!(merchant_id = %request.merchant_id, "created merchant keys");
         Ok(CreateKeysResponse {
             data_key: Some(data_key),
-            fingerprint_key: Some(fingerprint_key),
+            fingerprint_key,
         })
     }
 
@@ -526,18 +571,16 @@ impl Vault {
             newest_key(keys, merchant_id, ProtoPurpose::Data).ok_or_else(|| missing_key("data"))?;
         let wrapped_fingerprint = newest_key(keys, merchant_id, ProtoPurpose::Fingerprint)
             .ok_or_else(|| missing_key("fingerprint"))?;
-        let data_key = unsealed
-            .cache
+        let data_key = self
             .data_key(
-                &unsealed.master,
+                unsealed,
                 &key_id(wrapped_data, KeyPurpose::Data),
                 &wrapped_data.blob,
             )
             .map_err(|err| ItemError::from(&err))?;
-        let fingerprint_key = unsealed
-            .cache
+        let fingerprint_key = self
             .fingerprint_key(
-                &unsealed.master,
+                unsealed,
                 &key_id(wrapped_fingerprint, KeyPurpose::Fingerprint),
                 &wrapped_fingerprint.blob,
             )
@@ -618,10 +661,9 @@ impl Vault {
                     item.data_key_version,
                 ))
                 .ok_or_else(|| missing_key("data"))?;
-            let data_key = unsealed
-                .cache
+            let data_key = self
                 .data_key(
-                    &unsealed.master,
+                    unsealed,
                     &key_id(wrapped, KeyPurpose::Data),
                     &wrapped.blob,
                 )
@@ -663,6 +705,181 @@ impl Vault {
             data,
             cvc: cvc.as_str().to_owned(),
         })
+    }
+
+    /// Key rotation: opens each record under its old data key and seals it under the new one.
+    /// One audit record per item names merchant, token and both versions.
+    pub fn reencrypt(&self, caller: &str, request: &ReencryptRequest) -> Result<ReencryptResponse, VaultError> {
+        check_batch(request.items.len())?;
+        let unsealed = self.ready()?;
+        let keys = index_keys(&request.keys);
+        let mut batch = self.audit.batch(caller);
+        let results = request
+            .items
+            .iter()
+            .map(|item| {
+                let outcome = self.reencrypt_item(&unsealed, &keys, item);
+                let result = match &outcome {
+                    Ok(_) => "ok",
+                    Err(error) => error.reason.as_str(),
+                };
+                batch.record(
+                    "reencrypt",
+                    result,
+                    &[
+                        ("merchant", &item.merchant_id),
+                        ("token", &item.token),
+                        ("from_version", &item.from_version.to_string()),
+                        ("to_version", &item.to_version.to_string()),
+                    ],
+                );
+                let result = match outcome {
+                    Ok(reencrypted) => reencrypt_result::Result::Reencrypted(reencrypted),
+                    Err(error) => reencrypt_result::Result::Error(error),
+                };
+                ReencryptResult { result: Some(result) }
+            })
+            .collect();
+        self.commit(&batch)?;
+        Ok(ReencryptResponse { results })
+    }
+
+    fn reencrypt_item(
+        &self,
+        unsealed: &Unsealed,
+        keys: &HashMap<(&str, i32, u32), &WrappedKey>,
+        item: &ReencryptItem,
+    ) -> Result<Reencrypted, ItemError> {
+        if item.to_version <= item.from_version {
+            return Err(item_error(
+                code::INVALID_ARGUMENT,
+                "INVALID_KEY_VERSION",
+                "a record is re-encrypted only to a newer key version".into(),
+                "to_version",
+            ));
+        }
+        let wrapped = |version: u32| {
+            keys.get(&(item.merchant_id.as_str(), ProtoPurpose::Data as i32, version))
+                .copied()
+                .ok_or_else(|| missing_key("data"))
+        };
+        let (old, new) = (wrapped(item.from_version)?, wrapped(item.to_version)?);
+        let old_key = self
+            .data_key(unsealed, &key_id(old, KeyPurpose::Data), &old.blob)
+            .map_err(|err| ItemError::from(&err))?;
+        let new_key = self
+            .data_key(unsealed, &key_id(new, KeyPurpose::Data), &new.blob)
+            .map_err(|err| ItemError::from(&err))?;
+        let old_aad = RecordAad {
+            merchant_id: &item.merchant_id,
+            token: &item.token,
+            key_version: item.from_version,
+        };
+        let data = open_data(&old_key, &old_aad, &item.ciphertext).map_err(|err| {
+            tracing::warn!(merchant_id = %item.merchant_id, token = %item.token, "record failed its integrity check during re-encryption");
+            ItemError::from(&err)
+        })?;
+        let new_aad = RecordAad {
+            key_version: item.to_version,
+            ..old_aad
+        };
+        let ciphertext =
+            seal_data(&new_key, &self.nonces, &new_aad, &data).map_err(|err| ItemError::from(&err))?;
+        Ok(Reencrypted {
+            ciphertext,
+            data_key_version: item.to_version,
+        })
+    }
+
+    /// KEK rotation: unwraps each key with any master key held (current first) and wraps it
+    /// with the current one. One audit record per key names it and both master key check values.
+    pub fn rewrap_keys(&self, caller: &str, request: &RewrapKeysRequest) -> Result<RewrapKeysResponse, VaultError> {
+        check_batch(request.keys.len())?;
+        let unsealed = self.ready()?;
+        let current = unsealed.master.key_check_value();
+        let mut batch = self.audit.batch(caller);
+        let results = request
+            .keys
+            .iter()
+            .map(|wrapped| {
+                let outcome = self.rewrap_key(&unsealed, wrapped);
+                let (result, from) = match &outcome {
+                    Ok((_, from)) => ("ok", from.as_str()),
+                    Err(error) => (error.reason.as_str(), ""),
+                };
+                let purpose = match ProtoPurpose::try_from(wrapped.purpose) {
+                    Ok(ProtoPurpose::Data) => "data",
+                    Ok(ProtoPurpose::Fingerprint) => "fingerprint",
+                    _ => "",
+                };
+                batch.record(
+                    "rewrap-key",
+                    result,
+                    &[
+                        ("merchant", &wrapped.merchant_id),
+                        ("purpose", purpose),
+                        ("version", &wrapped.version.to_string()),
+                        ("from_kcv", from),
+                        ("to_kcv", &current),
+                    ],
+                );
+                let result = match outcome {
+                    Ok((key, _)) => rewrap_result::Result::Key(key),
+                    Err(error) => rewrap_result::Result::Error(error),
+                };
+                RewrapResult { result: Some(result) }
+            })
+            .collect();
+        self.commit(&batch)?;
+        Ok(RewrapKeysResponse {
+            results,
+            master_key_check_value: current,
+        })
+    }
+
+    fn rewrap_key(&self, unsealed: &Unsealed, wrapped: &WrappedKey) -> Result<(WrappedKey, String), ItemError> {
+        let purpose = match ProtoPurpose::try_from(wrapped.purpose) {
+            Ok(ProtoPurpose::Data) => KeyPurpose::Data,
+            Ok(ProtoPurpose::Fingerprint) => KeyPurpose::Fingerprint,
+            _ => {
+                return Err(item_error(
+                    code::INVALID_ARGUMENT,
+                    "INVALID_KEY_PURPOSE",
+                    "the key's purpose must be data or fingerprint".into(),
+                    "purpose",
+                ))
+            }
+        };
+        let id = key_id(wrapped, purpose);
+        let (key, from) = std::iter::once(&unsealed.master)
+            .chain(&self.previous_masters)
+            .find_map(|master| {
+                master
+                    .unwrap(&id, &wrapped.blob)
+                    .ok()
+                    .map(|key| (key, master.key_check_value()))
+            })
+            .ok_or_else(|| {
+                item_error(
+                    code::FAILED_PRECONDITION,
+                    "KEY_UNWRAP_FAILED",
+                    "no master key this vault holds unwraps this key".into(),
+                    "",
+                )
+            })?;
+        let blob = unsealed
+            .master
+            .wrap(&id, &key, &self.rng)
+            .map_err(|err| ItemError::from(&err))?;
+        Ok((
+            WrappedKey {
+                merchant_id: wrapped.merchant_id.clone(),
+                purpose: wrapped.purpose,
+                version: wrapped.version,
+                blob,
+            },
+            from,
+        ))
     }
 
     /// Answers the floor benchmark's echo at once (refused while sealed, like every data call).
