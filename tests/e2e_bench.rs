@@ -12,7 +12,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{binaries, Stack, StackOptions};
+use common::{binaries, Backend, Stack, StackOptions};
 
 /// Runs `tessera bench --target <gateway> ... --json` for one scenario and returns its report.
 fn bench(stack: &Stack, scenario: &str) -> serde_json::Value {
@@ -66,12 +66,12 @@ fn assert_answered_without_errors(report: &serde_json::Value, scenario: &str) {
     assert!(result["client_cpu"]["cores"].is_number(), "{report:#}");
 }
 
-#[test]
-fn bench_measures_the_floor_and_tokenize_against_a_running_stack() {
+fn bench_measures_the_floor_and_tokenize_against_a_running_stack(backend: Backend) {
     let mut gateway_extra = toml::Table::new();
     gateway_extra.insert("benchmark_floor".to_owned(), toml::Value::Boolean(true));
     let stack = Stack::start_with(StackOptions {
         gateway_extra,
+        backend,
         ..StackOptions::default()
     });
 
@@ -81,3 +81,6 @@ fn bench_measures_the_floor_and_tokenize_against_a_running_stack() {
     let tokenize = bench(&stack, "tokenize");
     assert_answered_without_errors(&tokenize, "tokenize");
 }
+
+// On both backends: the tokenize scenario writes through the gateway's store.
+backend_tests_sync!(bench_measures_the_floor_and_tokenize_against_a_running_stack);

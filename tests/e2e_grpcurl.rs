@@ -1,5 +1,6 @@
 //! The gateway as a developer meets it with grpcurl: reflection lists and describes the API,
-//! and JSON calls tokenize and detokenize with the development client certificate.
+//! and JSON calls tokenize and detokenize with the development client certificate (on SQLite
+//! and on PostgreSQL).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -9,7 +10,7 @@
 
 mod common;
 
-use common::{grpcurl_gateway, require_grpcurl, Stack};
+use common::{grpcurl_gateway, require_grpcurl, Backend, Stack};
 
 fn stdout(output: &std::process::Output) -> String {
     assert!(
@@ -21,12 +22,11 @@ fn stdout(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-#[test]
-fn grpcurl_lists_describes_tokenizes_and_detokenizes() {
+fn grpcurl_lists_describes_tokenizes_and_detokenizes(backend: Backend) {
     if !require_grpcurl() {
         return;
     }
-    let stack = Stack::start();
+    let stack = Stack::start_on(backend);
 
     let services = stdout(&grpcurl_gateway(&stack, "dev-client", None, &["list"]).unwrap());
     for service in ["tessera.v1.Tokenization", "grpc.health.v1.Health"] {
@@ -120,3 +120,5 @@ fn grpcurl_lists_describes_tokenizes_and_detokenizes() {
         "the refusal echoes the card number: {text}"
     );
 }
+
+backend_tests_sync!(grpcurl_lists_describes_tokenizes_and_detokenizes);

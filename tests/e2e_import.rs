@@ -1,6 +1,6 @@
 //! Bulk import through `tessera import`: a CSV (and a JSON-lines file) of cards streams to the
 //! gateway; every good line gets a token that detokenizes to its card, every bad line gets its
-//! own error, and the bad lines change nothing for the good ones.
+//! own error, and the bad lines change nothing for the good ones. On SQLite and on PostgreSQL.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::process::Command;
 
 use common::requests::{detokenize, revealed_number};
-use common::{binaries, gateway_channel, Stack};
+use common::{binaries, gateway_channel, Backend, Stack};
 use tessera_api::v1::tokenization_client::TokenizationClient;
 
 /// A valid test card number: a Visa BIN, a counter, and the Luhn check digit.
@@ -90,9 +90,8 @@ fn results(path: &std::path::Path) -> HashMap<u64, (String, String)> {
         .collect()
 }
 
-#[tokio::test]
-async fn csv_import_tokenizes_every_good_line_and_reports_each_bad_one() {
-    let stack = Stack::start();
+async fn csv_import_tokenizes_every_good_line_and_reports_each_bad_one(backend: Backend) {
+    let stack = Stack::start_on(backend);
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("cards.csv");
     const LINES: u64 = 2000;
@@ -155,9 +154,8 @@ async fn csv_import_tokenizes_every_good_line_and_reports_each_bad_one() {
     assert_eq!(tokens.len() as u64, LINES - 3, "every token is distinct");
 }
 
-#[tokio::test]
-async fn json_lines_import_takes_cards_bank_accounts_and_contacts() {
-    let stack = Stack::start();
+async fn json_lines_import_takes_cards_bank_accounts_and_contacts(backend: Backend) {
+    let stack = Stack::start_on(backend);
     let dir = tempfile::tempdir().unwrap();
     let jsonl = dir.path().join("mixed.jsonl");
     std::fs::write(
@@ -195,3 +193,8 @@ async fn json_lines_import_takes_cards_bank_accounts_and_contacts() {
         .into_inner();
     assert_eq!(revealed_number(&revealed), "5555555555554444");
 }
+
+backend_tests!(
+    csv_import_tokenizes_every_good_line_and_reports_each_bad_one,
+    json_lines_import_takes_cards_bank_accounts_and_contacts,
+);

@@ -1,7 +1,7 @@
 //! Tampering with the gateway's database is detected by the vault: ciphertexts swapped
 //! between two rows, a wrapped key moved to another merchant, a truncated ciphertext, a
 //! record pointing at the wrong key version. Each detokenize fails with a clear integrity
-//! error and no card data.
+//! error and no card data. On SQLite and on PostgreSQL.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -11,18 +11,13 @@
 
 mod common;
 
-use common::{gateway_channel, Stack};
+use common::requests::{self, revealed_number, tokenize_card};
+use common::{database_pool, gateway_channel, Backend, Stack};
+use sqlx::AnyPool;
 use tessera_api::error_details::decode_error_info;
 use tessera_api::v1::tokenization_client::TokenizationClient;
-use common::requests::{self, revealed_number, tokenize_card};
 use tonic::transport::Channel;
 use tonic::Code;
-
-async fn database(stack: &Stack) -> sqlx::SqlitePool {
-    sqlx::SqlitePool::connect(&format!("sqlite://{}", stack.dir().join("tessera.db").display()))
-        .await
-        .unwrap()
-}
 
 async fn tokenize(client: &mut TokenizationClient<Channel>, merchant: &str, number: &str) -> String {
     client
@@ -55,16 +50,16 @@ async fn detokenize(
         })
 }
 
-async fn ciphertext(db: &sqlx::SqlitePool, token: &str) -> Vec<u8> {
-    sqlx::query_scalar("SELECT ciphertext FROM tokens WHERE token = ?")
+async fn ciphertext(db: &AnyPool, token: &str) -> Vec<u8> {
+    sqlx::query_scalar("SELECT ciphertext FROM tokens WHERE token = $1")
         .bind(token)
         .fetch_one(db)
         .await
         .unwrap()
 }
 
-async fn set_ciphertext(db: &sqlx::SqlitePool, token: &str, value: &[u8]) {
-    sqlx::query("UPDATE tokens SET ciphertext = ? WHERE token = ?")
+async fn set_ciphertext(db: &AnyPool, token: &str, value: &[u8]) {
+    sqlx::query("UPDATE tokens SET ciphertext = $1 WHERE token = $2")
         .bind(value)
         .bind(token)
         .execute(db)
@@ -72,13 +67,12 @@ async fn set_ciphertext(db: &sqlx::SqlitePool, token: &str, value: &[u8]) {
         .unwrap();
 }
 
-#[tokio::test]
-async fn swapped_rows_fail_both_detokenizes() {
-    let stack = Stack::start();
+async fn swapped_rows_fail_both_detokenizes(backend: Backend) {
+    let stack = Stack::start_on(backend);
     let mut client = TokenizationClient::new(gateway_channel(&stack, "dev-client").await);
     let first = tokenize(&mut client, "m1", "4111111111111111").await;
     let second = tokenize(&mut client, "m1", "5555555555554444").await;
-    let db = database(&stack).await;
+    let db = database_pool(&stack).await;
     let (a, b) = (ciphertext(&db, &first).await, ciphertext(&db, &second).await);
     set_ciphertext(&db, &first, &b).await;
     set_ciphertext(&db, &second, &a).await;
@@ -117,15 +111,14 @@ async fn swapped_rows_fail_both_detokenizes() {
     );
 }
 
-#[tokio::test]
-async fn a_key_moved_to_another_merchant_or_version_does_not_unwrap() {
-    let mut stack = Stack::start();
+async fn a_key_moved_to_another_merchant_or_version_does_not_unwrap(backend: Backend) {
+    let mut stack = Stack::start_on(backend);
     let mut client = TokenizationClient::new(gateway_channel(&stack, "dev-client").await);
     let token_a = tokenize(&mut client, "m_a", "4111111111111111").await;
     let token_b = tokenize(&mut client, "m_b", "4111111111111111").await;
     // The gateway caches wrapped keys; restart it so it reads the tampered rows.
     stack.kill_gateway();
-    let db = database(&stack).await;
+    let db = database_pool(&stack).await;
     sqlx::query(
         "UPDATE merchant_keys SET blob = (SELECT blob FROM merchant_keys WHERE merchant_id = 'm_a' AND purpose = 'data') \
          WHERE merchant_id = 'm_b' AND purpose = 'data'",
@@ -134,7 +127,7 @@ async fn a_key_moved_to_another_merchant_or_version_does_not_unwrap() {
     .await
     .unwrap();
     // A record that claims a key version its merchant does not have.
-    sqlx::query("UPDATE tokens SET data_key_version = 2 WHERE token = ?")
+    sqlx::query("UPDATE tokens SET data_key_version = 2 WHERE token = $1")
         .bind(&token_a)
         .execute(&db)
         .await
@@ -157,3 +150,8 @@ async fn a_key_moved_to_another_merchant_or_version_does_not_unwrap() {
         Err((Code::FailedPrecondition, "KEY_UNWRAP_FAILED".into()))
     );
 }
+
+backend_tests!(
+    swapped_rows_fail_both_detokenizes,
+    a_key_moved_to_another_merchant_or_version_does_not_unwrap,
+);

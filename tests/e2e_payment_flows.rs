@@ -1,7 +1,8 @@
 //! The payment flows of issue 4, one test per flow, through the real processes: standalone
 //! tokenization, provisional tokens confirmed or discarded, one-click listing, purposes per
 //! token kind and caller, single-use tokens, CVCs, deletion, retention, non-card data and the
-//! journal. Time-dependent rules move the gateway's clock through its offset file.
+//! journal. Time-dependent rules move the gateway's clock through its offset file. Every flow
+//! runs on SQLite and on PostgreSQL (`NAME::sqlite`, `NAME::postgres`).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -18,7 +19,7 @@ use common::requests::{
     card, detokenize, detokenize_for, one_click, one_off, revealed_number, subscription, tokenize_card,
     unscheduled, SHOPPER,
 };
-use common::{gateway_channel, CallerPolicy, Stack, StackOptions};
+use common::{database_contents, database_pool, gateway_channel, Backend, CallerPolicy, Stack, StackOptions};
 use tessera_api::error_details::decode_error_info;
 use tessera_api::v1::tokenization_client::TokenizationClient;
 use tessera_api::v1::{
@@ -52,11 +53,14 @@ struct FlowStack {
 }
 
 impl FlowStack {
-    fn start() -> Self {
+    fn start(backend: Backend) -> Self {
         let clock_dir = tempfile::tempdir().unwrap().keep();
         let clock_file = clock_dir.join("clock-offset-ms");
         std::fs::write(&clock_file, "0").unwrap();
-        let mut options = StackOptions::default();
+        let mut options = StackOptions {
+            backend,
+            ..StackOptions::default()
+        };
         options.callers.push(CallerPolicy::new(
             "spiffe://tessera/checkout",
             &["*"],
@@ -156,9 +160,8 @@ async fn get(client: &mut Client, merchant: &str, token: &str) -> Result<Token, 
         .map(tonic::Response::into_inner)
 }
 
-#[tokio::test]
-async fn flow_1_standalone_tokenization_is_journalled_tk() {
-    let flows = FlowStack::start();
+async fn flow_1_standalone_tokenization_is_journalled_tk(backend: Backend) {
+    let flows = FlowStack::start(backend);
     let mut client = flows.client().await;
     let token = tokenize(&mut client, tokenize_card("m1", "4111111111111111")).await;
     assert_eq!(token.kind, TokenKind::CardOnFile as i32);
@@ -174,9 +177,8 @@ async fn flow_1_standalone_tokenization_is_journalled_tk() {
     );
 }
 
-#[tokio::test]
-async fn flow_2_provisional_tokens_are_confirmed_discarded_or_time_out() {
-    let flows = FlowStack::start();
+async fn flow_2_provisional_tokens_are_confirmed_discarded_or_time_out(backend: Backend) {
+    let flows = FlowStack::start(backend);
     let mut client = flows.client().await;
     let provisional = |number: &str| {
         let mut request = tokenize_card("m1", number);
@@ -198,6 +200,7 @@ async fn flow_2_provisional_tokens_are_confirmed_discarded_or_time_out() {
             merchant_id: "m1".into(),
             token: confirmed.token.clone(),
             payment_reference: "psp-ref-1".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -219,7 +222,8 @@ async fn flow_2_provisional_tokens_are_confirmed_discarded_or_time_out() {
                 .confirm_token(ConfirmTokenRequest {
                     merchant_id: "m1".into(),
                     token: confirmed.token.clone(),
-                    payment_reference: String::new()
+                    payment_reference: String::new(),
+                    ..Default::default()
                 })
                 .await
         ),
@@ -232,6 +236,7 @@ async fn flow_2_provisional_tokens_are_confirmed_discarded_or_time_out() {
         .delete_token(DeleteTokenRequest {
             merchant_id: "m1".into(),
             token: refused.token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -261,7 +266,8 @@ async fn flow_2_provisional_tokens_are_confirmed_discarded_or_time_out() {
                 .confirm_token(ConfirmTokenRequest {
                     merchant_id: "m1".into(),
                     token: forgotten.token.clone(),
-                    payment_reference: String::new()
+                    payment_reference: String::new(),
+                    ..Default::default()
                 })
                 .await
         ),
@@ -288,9 +294,8 @@ async fn list(client: &mut Client, merchant: &str, shopper: &str) -> Vec<Token> 
         .tokens
 }
 
-#[tokio::test]
-async fn flow_3_one_click_lists_usable_tokens_newest_first_paginated() {
-    let flows = FlowStack::start();
+async fn flow_3_one_click_lists_usable_tokens_newest_first_paginated(backend: Backend) {
+    let flows = FlowStack::start(backend);
     let mut client = flows.client().await;
     let mut expected = Vec::new();
     for number in ["4111111111111111", "5555555555554444", "378282246310005"] {
@@ -315,6 +320,7 @@ async fn flow_3_one_click_lists_usable_tokens_newest_first_paginated() {
         .delete_token(DeleteTokenRequest {
             merchant_id: "m1".into(),
             token: deleted.token,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -367,9 +373,8 @@ async fn flow_3_one_click_lists_usable_tokens_newest_first_paginated() {
     );
 }
 
-#[tokio::test]
-async fn flow_4_detokenize_states_its_purpose_and_shopper_and_is_journalled() {
-    let flows = FlowStack::start();
+async fn flow_4_detokenize_states_its_purpose_and_shopper_and_is_journalled(backend: Backend) {
+    let flows = FlowStack::start(backend);
     let mut client = flows.client().await;
     let token = tokenize(&mut client, tokenize_card("m1", "4111111111111111"))
         .await
@@ -411,10 +416,12 @@ async fn flow_4_detokenize_states_its_purpose_and_shopper_and_is_journalled() {
     assert_eq!(detokenized[0].purpose, Some(one_click()));
 }
 
+/// Allowed, or refused with this reason.
+type Expected = Result<(), &'static str>;
+
 /// Token kind × purpose × caller permission.
-#[tokio::test]
-async fn flow_5_kinds_allow_only_their_purposes_and_callers() {
-    let flows = FlowStack::start();
+async fn flow_5_kinds_allow_only_their_purposes_and_callers(backend: Backend) {
+    let flows = FlowStack::start(backend);
     let mut mit_allowed = flows.client().await;
     let mut cit_only = flows.checkout_client().await;
     let purposes: [(&str, Purpose); 4] = [
@@ -424,7 +431,7 @@ async fn flow_5_kinds_allow_only_their_purposes_and_callers() {
         ("one-off", one_off()),
     ];
     // (kind, purpose, allowed for a caller with MIT permission, allowed for a CIT-only caller)
-    let table: [(TokenKind, &str, Result<(), &str>, Result<(), &str>); 12] = [
+    let table: [(TokenKind, &str, Expected, Expected); 12] = [
         (TokenKind::CardOnFile, "one-click", Ok(()), Ok(())),
         (
             TokenKind::CardOnFile,
@@ -519,9 +526,8 @@ async fn flow_5_kinds_allow_only_their_purposes_and_callers() {
     }
 }
 
-#[tokio::test]
-async fn single_use_tokens_are_consumed_once_and_expire_after_24_hours() {
-    let flows = FlowStack::start();
+async fn single_use_tokens_are_consumed_once_and_expire_after_24_hours(backend: Backend) {
+    let flows = FlowStack::start(backend);
     let mut client = flows.client().await;
     let single = || with_kind(tokenize_card("m1", "4111111111111111"), TokenKind::SingleUse);
     let used = tokenize(&mut client, single()).await;
@@ -564,18 +570,8 @@ async fn single_use_tokens_are_consumed_once_and_expire_after_24_hours() {
     assert_eq!(entries.last().unwrap().2, "SINGLE_USE_TIMEOUT");
 }
 
-fn tokenize_db(stack: &Stack) -> Vec<u8> {
-    let dir = stack.dir();
-    let mut bytes = std::fs::read(dir.join("tessera.db")).unwrap();
-    if let Ok(wal) = std::fs::read(dir.join("tessera.db-wal")) {
-        bytes.extend(wal);
-    }
-    bytes
-}
-
-#[tokio::test]
-async fn flow_6_cvc_is_held_only_in_the_vault_and_returned_once() {
-    let flows = FlowStack::start();
+async fn flow_6_cvc_is_held_only_in_the_vault_and_returned_once(backend: Backend) {
+    let flows = FlowStack::start(backend);
     let mut client = flows.client().await;
     const CVC: &str = "8642";
 
@@ -648,7 +644,7 @@ async fn flow_6_cvc_is_held_only_in_the_vault_and_returned_once() {
     );
 
     // Never in the database, never in a log.
-    let db = tokenize_db(&flows.stack);
+    let db = database_contents(&flows.stack).await;
     assert!(
         !db.windows(CVC.len()).any(|w| w == CVC.as_bytes()),
         "the CVC reached the database"
@@ -660,9 +656,8 @@ async fn flow_6_cvc_is_held_only_in_the_vault_and_returned_once() {
     );
 }
 
-#[tokio::test]
-async fn flow_7_deletion_destroys_the_ciphertext() {
-    let flows = FlowStack::start();
+async fn flow_7_deletion_destroys_the_ciphertext(backend: Backend) {
+    let flows = FlowStack::start(backend);
     let mut client = flows.client().await;
     let token = tokenize(&mut client, tokenize_card("m1", "4111111111111111"))
         .await
@@ -671,15 +666,11 @@ async fn flow_7_deletion_destroys_the_ciphertext() {
         .delete_token(DeleteTokenRequest {
             merchant_id: "m1".into(),
             token: token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
-    let pool = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}?mode=ro",
-        flows.stack.dir().join("tessera.db").display()
-    ))
-    .await
-    .unwrap();
+    let pool = database_pool(&flows.stack).await;
     let (ciphertext, fingerprint): (Option<Vec<u8>>, Option<Vec<u8>>) =
         sqlx::query_as("SELECT ciphertext, fingerprint FROM tokens WHERE token = $1")
             .bind(&token)
@@ -717,9 +708,8 @@ fn days_from_civil(year: i64, month: i32, day: i64) -> i64 {
     era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
 }
 
-#[tokio::test]
-async fn flow_8_retention_deletes_card_tokens_14_months_after_expiry_unless_extended() {
-    let flows = FlowStack::start();
+async fn flow_8_retention_deletes_card_tokens_14_months_after_expiry_unless_extended(backend: Backend) {
+    let flows = FlowStack::start(backend);
     let mut client = flows.client().await;
     let kept = tokenize(&mut client, tokenize_card("m1", "4111111111111111")).await;
     let extended = tokenize(&mut client, tokenize_card("m1", "5555555555554444")).await;
@@ -730,6 +720,7 @@ async fn flow_8_retention_deletes_card_tokens_14_months_after_expiry_unless_exte
         merchant_id: "m1".into(),
         token: token.into(),
         months,
+        ..Default::default()
     };
     let after = client
         .extend_retention(extend(&extended.token, 12))
@@ -819,9 +810,8 @@ fn contact_request(merchant: &str, email: &str, phone: &str) -> TokenizeRequest 
     }
 }
 
-#[tokio::test]
-async fn flow_9_bank_accounts_and_contact_data_tokenize_like_cards() {
-    let flows = FlowStack::start();
+async fn flow_9_bank_accounts_and_contact_data_tokenize_like_cards(backend: Backend) {
+    let flows = FlowStack::start(backend);
     let mut client = flows.client().await;
     let account = |iban: &str| TokenizeRequest {
         merchant_id: "m1".into(),
@@ -898,9 +888,8 @@ async fn flow_9_bank_accounts_and_contact_data_tokenize_like_cards() {
     );
 }
 
-#[tokio::test]
-async fn flow_10_history_lists_every_operation_without_card_data() {
-    let flows = FlowStack::start();
+async fn flow_10_history_lists_every_operation_without_card_data(backend: Backend) {
+    let flows = FlowStack::start(backend);
     let mut client = flows.client().await;
     let token = tokenize(&mut client, tokenize_card("m1", "4111111111111111"))
         .await
@@ -911,6 +900,7 @@ async fn flow_10_history_lists_every_operation_without_card_data() {
             merchant_id: "m1".into(),
             token: token.clone(),
             months: 3,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -918,6 +908,7 @@ async fn flow_10_history_lists_every_operation_without_card_data() {
         .delete_token(DeleteTokenRequest {
             merchant_id: "m1".into(),
             token: token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -963,9 +954,8 @@ async fn flow_10_history_lists_every_operation_without_card_data() {
     );
 }
 
-#[tokio::test]
-async fn shopper_references_that_look_like_personal_data_are_refused() {
-    let flows = FlowStack::start();
+async fn shopper_references_that_look_like_personal_data_are_refused(backend: Backend) {
+    let flows = FlowStack::start(backend);
     let mut client = flows.client().await;
     for bad in ["ab", "ada@example.com", "+44 20 7946 0958", "4111 1111 1111 1111"] {
         let mut request = tokenize_card("m1", "4111111111111111");
@@ -984,3 +974,18 @@ async fn shopper_references_that_look_like_personal_data_are_refused() {
     );
     let _ = card("4111111111111111");
 }
+
+backend_tests!(
+    flow_1_standalone_tokenization_is_journalled_tk,
+    flow_2_provisional_tokens_are_confirmed_discarded_or_time_out,
+    flow_3_one_click_lists_usable_tokens_newest_first_paginated,
+    flow_4_detokenize_states_its_purpose_and_shopper_and_is_journalled,
+    flow_5_kinds_allow_only_their_purposes_and_callers,
+    single_use_tokens_are_consumed_once_and_expire_after_24_hours,
+    flow_6_cvc_is_held_only_in_the_vault_and_returned_once,
+    flow_7_deletion_destroys_the_ciphertext,
+    flow_8_retention_deletes_card_tokens_14_months_after_expiry_unless_extended,
+    flow_9_bank_accounts_and_contact_data_tokenize_like_cards,
+    flow_10_history_lists_every_operation_without_card_data,
+    shopper_references_that_look_like_personal_data_are_refused,
+);

@@ -1,7 +1,8 @@
 //! Every refusal of the first slice, through the real processes: bad input gets the right
 //! code, an ErrorInfo reason and a message without the card number, and stores nothing;
 //! callers without a certificate, from another CA, or without the permission are refused on
-//! both hops; the vault will not start without TLS and client authentication.
+//! both hops; the vault will not start without TLS and client authentication. The gateway's
+//! refusals are tested on SQLite and on PostgreSQL; the vault's own do not involve a database.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -14,10 +15,13 @@ mod common;
 use std::fs;
 use std::process::Command;
 
-use common::{binaries, gateway_channel, try_channel, vault_channel, CallerPolicy, Pki, Stack, StackOptions};
+use common::requests::detokenize;
+use common::{
+    binaries, database_pool, gateway_channel, try_channel, vault_channel, Backend, CallerPolicy, Pki, Stack,
+    StackOptions,
+};
 use tessera_api::error_details::decode_error_info;
 use tessera_api::v1::tokenization_client::TokenizationClient;
-use common::requests::detokenize;
 use tessera_api::v1::{tokenize_request, Card, GetTokenRequest, TokenizeRequest};
 use tessera_api::vault::vault_client::VaultClient;
 use tessera_api::vault::{ProtectItem, ProtectRequest, StatusRequest};
@@ -32,8 +36,7 @@ fn reason(status: &tonic::Status) -> String {
 
 /// Rows in the gateway's tables: (tokens, merchant keys, journal).
 async fn row_counts(stack: &Stack) -> (i64, i64, i64) {
-    let url = format!("sqlite://{}?mode=ro", stack.dir().join("tessera.db").display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let pool = database_pool(stack).await;
     let count = |table: &'static str| {
         let pool = pool.clone();
         async move {
@@ -59,9 +62,8 @@ fn card(number: &str, month: u32, year: u32) -> Option<tokenize_request::Data> {
     }))
 }
 
-#[tokio::test]
-async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
-    let stack = Stack::start();
+async fn bad_input_is_refused_with_a_reason_and_stores_nothing(backend: Backend) {
+    let stack = Stack::start_on(backend);
     let mut client = TokenizationClient::new(gateway_channel(&stack, "dev-client").await);
     let cases: Vec<(&str, TokenizeRequest, Code, &str)> = vec![
         (
@@ -224,13 +226,13 @@ async fn bad_input_is_refused_with_a_reason_and_stores_nothing() {
     );
 }
 
-#[tokio::test]
-async fn gateway_refuses_callers_without_a_valid_allowed_certificate() {
+async fn gateway_refuses_callers_without_a_valid_allowed_certificate(backend: Backend) {
     let options = StackOptions {
         callers: vec![
             CallerPolicy::all("spiffe://tessera/dev-client"),
             CallerPolicy::new("spiffe://tessera/reader", &["m1"], &["read_metadata"]),
         ],
+        backend,
         ..StackOptions::default()
     };
     let stack = Stack::start_with(options);
@@ -310,18 +312,25 @@ async fn gateway_refuses_callers_without_a_valid_allowed_certificate() {
     );
 }
 
+backend_tests!(
+    bad_input_is_refused_with_a_reason_and_stores_nothing,
+    gateway_refuses_callers_without_a_valid_allowed_certificate,
+);
+
 fn protect_request() -> ProtectRequest {
     ProtectRequest {
         keys: vec![],
         items: vec![ProtectItem {
             merchant_id: "m1".into(),
             data: Some(tessera_api::vault::SecretData {
-                data: Some(tessera_api::vault::secret_data::Data::Card(tessera_api::vault::Card {
-                    number: "4111111111111111".into(),
-                    expiry_month: 12,
-                    expiry_year: 2031,
-                    holder_name: String::new(),
-                })),
+                data: Some(tessera_api::vault::secret_data::Data::Card(
+                    tessera_api::vault::Card {
+                        number: "4111111111111111".into(),
+                        expiry_month: 12,
+                        expiry_year: 2031,
+                        holder_name: String::new(),
+                    },
+                )),
             }),
             format: 0,
             cvc: String::new(),

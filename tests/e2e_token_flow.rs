@@ -1,5 +1,6 @@
 //! End to end through the real processes: tokenize → get → detokenize → delete → detokenize
-//! fails, with the vault and the gateway as separate binaries speaking mutual TLS.
+//! fails, with the vault and the gateway as separate binaries speaking mutual TLS. Every test
+//! runs on SQLite and on PostgreSQL (`NAME::sqlite`, `NAME::postgres`).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -10,7 +11,7 @@
 mod common;
 
 use common::requests::{card, detokenize, revealed_card, revealed_number, tokenize_card};
-use common::{gateway_channel, Stack};
+use common::{gateway_channel, Backend, Stack};
 use tessera_api::error_details::decode_error_info;
 use tessera_api::v1::tokenization_client::TokenizationClient;
 use tessera_api::v1::{
@@ -25,9 +26,8 @@ fn reason(status: &tonic::Status) -> String {
         .unwrap_or_default()
 }
 
-#[tokio::test]
-async fn tokenize_get_detokenize_delete() {
-    let stack = Stack::start();
+async fn tokenize_get_detokenize_delete(backend: Backend) {
+    let stack = Stack::start_on(backend);
     let mut client = TokenizationClient::new(gateway_channel(&stack, "dev-client").await);
 
     let created = client
@@ -71,6 +71,7 @@ async fn tokenize_get_detokenize_delete() {
         .delete_token(DeleteTokenRequest {
             merchant_id: "m_demo".into(),
             token: token.token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -89,6 +90,7 @@ async fn tokenize_get_detokenize_delete() {
         .delete_token(DeleteTokenRequest {
             merchant_id: "m_demo".into(),
             token: token.token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -98,9 +100,8 @@ async fn tokenize_get_detokenize_delete() {
     );
 }
 
-#[tokio::test]
-async fn format_preserving_tokens_keep_bin_and_last_four_and_fail_luhn() {
-    let stack = Stack::start();
+async fn format_preserving_tokens_keep_bin_and_last_four_and_fail_luhn(backend: Backend) {
+    let stack = Stack::start_on(backend);
     let mut client = TokenizationClient::new(gateway_channel(&stack, "dev-client").await);
     let mut request = tokenize_card("m_fpe", "5555555555554444");
     request.format = TokenFormat::FormatPreserving as i32;
@@ -130,9 +131,8 @@ async fn format_preserving_tokens_keep_bin_and_last_four_and_fail_luhn() {
     assert_eq!(revealed_number(&revealed), "5555555555554444");
 }
 
-#[tokio::test]
-async fn deduplicate_returns_the_existing_token_per_merchant_and_shopper() {
-    let stack = Stack::start();
+async fn deduplicate_returns_the_existing_token_per_merchant_and_shopper(backend: Backend) {
+    let stack = Stack::start_on(backend);
     let mut client = TokenizationClient::new(gateway_channel(&stack, "dev-client").await);
     let request = |merchant: &str, shopper: &str| TokenizeRequest {
         merchant_id: merchant.into(),
@@ -171,9 +171,8 @@ async fn deduplicate_returns_the_existing_token_per_merchant_and_shopper() {
     assert_ne!(other_merchant.token.unwrap().token, first.token.unwrap().token);
 }
 
-#[tokio::test]
-async fn another_merchants_token_is_not_found() {
-    let stack = Stack::start();
+async fn another_merchants_token_is_not_found(backend: Backend) {
+    let stack = Stack::start_on(backend);
     let mut client = TokenizationClient::new(gateway_channel(&stack, "dev-client").await);
     let token = client
         .tokenize(tokenize_card("m_owner", "4111111111111111"))
@@ -231,3 +230,10 @@ fn luhn(digits: &str) -> bool {
         .sum();
     sum % 10 == 0
 }
+
+backend_tests!(
+    tokenize_get_detokenize_delete,
+    format_preserving_tokens_keep_bin_and_last_four_and_fail_luhn,
+    deduplicate_returns_the_existing_token_per_merchant_and_shopper,
+    another_merchants_token_is_not_found,
+);

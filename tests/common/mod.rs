@@ -13,6 +13,7 @@
 )]
 
 pub mod requests;
+pub mod stream;
 
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
@@ -275,9 +276,18 @@ pub struct StackOptions {
     /// The gateway's `database` (`None`: a SQLite file in the stack's directory).
     pub database: Option<String>,
     /// Top-level keys added to vault.toml, replacing a generated key of the same name whole.
+    /// Applied to every vault (give several vaults one audit log path only on purpose).
     pub vault_extra: toml::Table,
     /// Top-level keys added to gateway.toml, replacing a generated key of the same name whole.
+    /// Applied to every gateway.
     pub gateway_extra: toml::Table,
+    /// The gateways' database engine. `Postgres` gives the stack a fresh database of its own
+    /// on the local server (see [`TestDatabase`]); `database` overrides both.
+    pub backend: Backend,
+    /// How many vaults to start (all share the master key; every gateway uses all of them).
+    pub vaults: usize,
+    /// How many gateways to start (all share the database).
+    pub gateways: usize,
 }
 
 impl Default for StackOptions {
@@ -293,6 +303,9 @@ impl Default for StackOptions {
             database: None,
             vault_extra: toml::Table::new(),
             gateway_extra: toml::Table::new(),
+            backend: Backend::Sqlite,
+            vaults: 1,
+            gateways: 1,
         }
     }
 }
@@ -351,20 +364,67 @@ fn render(config: &impl Serialize, extra: &toml::Table) -> String {
     toml::to_string(&table).expect("configuration renders")
 }
 
-/// A running vault and gateway, each a child process with its own log file, configured like
+/// One server process of a stack: its name (`vault`, `vault-1`, `gateway`, ...), which names
+/// its configuration file and log, its address, and the child while it runs.
+#[derive(Debug)]
+struct Process {
+    name: String,
+    addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Process {
+    fn new(kind: &str, index: usize, addr: SocketAddr) -> Self {
+        let name = if index == 0 {
+            kind.to_owned()
+        } else {
+            format!("{kind}-{index}")
+        };
+        Self {
+            name,
+            addr,
+            child: None,
+        }
+    }
+}
+
+/// Running vaults and gateways, each a child process with its own log file, configured like
 /// `tessera up` but on free ports, with fresh certificates and state in temporary directories.
-/// Dropping it kills both children.
+/// By default one of each on a fresh SQLite file; [`StackOptions`] asks for PostgreSQL (a
+/// fresh database per stack, dropped with it) and for several vaults and gateways, which then
+/// share the database, the PKI and the master key, every gateway configured with every vault.
+///
+/// The single-process methods (`vault_addr`, `kill_gateway`, ...) act on vault 0 and gateway 0;
+/// the `_at` forms take an index. Dropping the stack kills every child, then drops the
+/// PostgreSQL database.
 #[derive(Debug)]
 pub struct Stack {
     binaries: Binaries,
     pki: Pki,
     options: StackOptions,
-    vault_addr: SocketAddr,
-    gateway_addr: SocketAddr,
-    vault: Option<Child>,
-    gateway: Option<Child>,
+    vaults: Vec<Process>,
+    gateways: Vec<Process>,
+    postgres: Option<TestDatabase>,
     // Last, so it is removed only after `Drop` has stopped the children that write into it.
     dir: TempDir,
+}
+
+/// `count` distinct ports that were free a moment ago.
+fn distinct_free_ports(count: usize) -> Vec<u16> {
+    let mut ports: Vec<u16> = Vec::with_capacity(count);
+    // Two probes in a row can be handed the same port once it is released again; bounded
+    // retries, the kernel has thousands of ephemeral ports.
+    for _ in 0..count * 100 {
+        if ports.len() == count {
+            break;
+        }
+        let port = free_port();
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    assert_eq!(ports.len(), count, "could not find {count} distinct free ports");
+    ports
 }
 
 impl Stack {
@@ -373,156 +433,296 @@ impl Stack {
         Self::start_with(StackOptions::default())
     }
 
-    /// Starts a stack with `options`: writes both configurations, starts the vault, waits for
-    /// it to listen, then the gateway. Panics with the logs if either does not come up.
+    /// Starts the default stack on `backend`.
+    pub fn start_on(backend: Backend) -> Self {
+        Self::start_with(StackOptions {
+            backend,
+            ..StackOptions::default()
+        })
+    }
+
+    /// Starts a stack with `options`: creates the PostgreSQL database if asked for, writes
+    /// every configuration, starts the vaults one after the other (the first creates the
+    /// shared development master key) and waits for each to listen, then the gateways.
+    /// Panics with the logs if one does not come up.
     ///
     /// Blocks the calling thread while waiting; call it before the test's requests start.
     pub fn start_with(options: StackOptions) -> Self {
+        assert!(
+            options.vaults >= 1 && options.gateways >= 1,
+            "a stack needs at least one vault and one gateway"
+        );
         let binaries = binaries();
         let pki = Pki::new();
         let dir = tempfile::Builder::new()
             .prefix("tessera-stack-")
             .tempdir()
             .expect("temporary directory");
-        let vault_port = free_port();
-        // Two probes in a row can be handed the same port once it is released again.
-        let gateway_port = std::iter::repeat_with(free_port)
-            .find(|port| *port != vault_port)
-            .unwrap();
-        let vault_addr = SocketAddr::from(([127, 0, 0, 1], vault_port));
-        let gateway_addr = SocketAddr::from(([127, 0, 0, 1], gateway_port));
+        let postgres =
+            (options.backend == Backend::Postgres && options.database.is_none()).then(TestDatabase::create);
+        let ports = distinct_free_ports(options.vaults + options.gateways);
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let vaults = (0..options.vaults)
+            .map(|i| Process::new("vault", i, addr(ports[i])))
+            .collect();
+        let gateways = (0..options.gateways)
+            .map(|i| Process::new("gateway", i, addr(ports[options.vaults + i])))
+            .collect();
         let mut stack = Self {
             binaries,
             pki,
             options,
-            vault_addr,
-            gateway_addr,
-            vault: None,
-            gateway: None,
+            vaults,
+            gateways,
+            postgres,
             dir,
         };
         stack.write_configs();
-        stack.start_vault();
-        stack.start_gateway();
+        for index in 0..stack.vaults.len() {
+            stack.start_vault_at(index);
+        }
+        for index in 0..stack.gateways.len() {
+            stack.start_gateway_at(index);
+        }
         stack
+    }
+
+    /// The gateway's `database` setting: the options' database, the stack's PostgreSQL
+    /// database, or the SQLite file in the stack's directory.
+    fn gateway_database(&self) -> String {
+        if let Some(database) = &self.options.database {
+            return database.clone();
+        }
+        match &self.postgres {
+            Some(postgres) => postgres.url(),
+            None => path_string(&self.dir.path().join("tessera.db")),
+        }
     }
 
     fn write_configs(&self) {
         let pki = &self.pki;
-        let vault = VaultConfig {
-            listen: self.vault_addr.to_string(),
-            mode: &self.options.vault_mode,
-            tls: ServerTls {
-                cert: path_string(&pki.cert("vault")),
-                key: path_string(&pki.key("vault")),
-                client_ca: path_string(&pki.ca()),
-            },
-            clients: &self.options.vault_clients,
-            master_key: MasterKey {
-                source: "development-file".to_owned(),
-                path: path_string(&self.dir.path().join("dev-master-key")),
-                create_if_missing: true,
-            },
-        };
-        let gateway = GatewayConfig {
-            listen: self.gateway_addr.to_string(),
-            database: self
-                .options
-                .database
-                .clone()
-                .unwrap_or_else(|| path_string(&self.dir.path().join("tessera.db"))),
-            tls: ServerTls {
-                cert: path_string(&pki.cert("gateway")),
-                key: path_string(&pki.key("gateway")),
-                client_ca: path_string(&pki.ca()),
-            },
-            vault: VaultEndpoint {
-                endpoints: vec![format!("https://{}", self.vault_addr)],
-                server_name: "tessera-vault".to_owned(),
-                ca: path_string(&pki.ca()),
-                client_cert: path_string(&pki.cert("gateway-client")),
-                client_key: path_string(&pki.key("gateway-client")),
-            },
-            callers: &self.options.callers,
-        };
-        fs::write(
-            self.vault_config_path(),
-            render(&vault, &self.options.vault_extra),
-        )
-        .unwrap();
-        fs::write(
-            self.gateway_config_path(),
-            render(&gateway, &self.options.gateway_extra),
-        )
-        .unwrap();
+        for vault in &self.vaults {
+            let config = VaultConfig {
+                listen: vault.addr.to_string(),
+                mode: &self.options.vault_mode,
+                tls: ServerTls {
+                    cert: path_string(&pki.cert("vault")),
+                    key: path_string(&pki.key("vault")),
+                    client_ca: path_string(&pki.ca()),
+                },
+                clients: &self.options.vault_clients,
+                // One master key for every vault: they are interchangeable.
+                master_key: MasterKey {
+                    source: "development-file".to_owned(),
+                    path: path_string(&self.dir.path().join("dev-master-key")),
+                    create_if_missing: true,
+                },
+            };
+            fs::write(
+                self.config_path(&vault.name),
+                render(&config, &self.options.vault_extra),
+            )
+            .unwrap();
+        }
+        let endpoints: Vec<String> = self
+            .vaults
+            .iter()
+            .map(|vault| format!("https://{}", vault.addr))
+            .collect();
+        for gateway in &self.gateways {
+            let config = GatewayConfig {
+                listen: gateway.addr.to_string(),
+                database: self.gateway_database(),
+                tls: ServerTls {
+                    cert: path_string(&pki.cert("gateway")),
+                    key: path_string(&pki.key("gateway")),
+                    client_ca: path_string(&pki.ca()),
+                },
+                vault: VaultEndpoint {
+                    endpoints: endpoints.clone(),
+                    server_name: "tessera-vault".to_owned(),
+                    ca: path_string(&pki.ca()),
+                    client_cert: path_string(&pki.cert("gateway-client")),
+                    client_key: path_string(&pki.key("gateway-client")),
+                },
+                callers: &self.options.callers,
+            };
+            fs::write(
+                self.config_path(&gateway.name),
+                render(&config, &self.options.gateway_extra),
+            )
+            .unwrap();
+        }
     }
 
     pub fn pki(&self) -> &Pki {
         &self.pki
     }
 
+    /// Vault 0's address.
     pub fn vault_addr(&self) -> SocketAddr {
-        self.vault_addr
+        self.vault_addr_at(0)
     }
 
+    /// Gateway 0's address.
     pub fn gateway_addr(&self) -> SocketAddr {
-        self.gateway_addr
+        self.gateway_addr_at(0)
     }
 
-    /// The directory holding both configurations, the logs, the master key and the database.
+    pub fn vault_addr_at(&self, index: usize) -> SocketAddr {
+        self.vaults[index].addr
+    }
+
+    pub fn gateway_addr_at(&self, index: usize) -> SocketAddr {
+        self.gateways[index].addr
+    }
+
+    /// How many vaults and gateways the stack has (running or not).
+    pub fn vault_count(&self) -> usize {
+        self.vaults.len()
+    }
+
+    pub fn gateway_count(&self) -> usize {
+        self.gateways.len()
+    }
+
+    /// The database backend the gateways use.
+    pub fn backend(&self) -> Backend {
+        if self.postgres.is_some() {
+            Backend::Postgres
+        } else {
+            self.options
+                .database
+                .as_deref()
+                .map_or(Backend::Sqlite, Backend::of)
+        }
+    }
+
+    /// A URL sqlx opens the gateways' database with: the PostgreSQL URL, or `sqlite://PATH`.
+    pub fn database_url(&self) -> String {
+        let database = self.gateway_database();
+        match Backend::of(&database) {
+            Backend::Postgres => database,
+            Backend::Sqlite if database.starts_with("sqlite:") => database,
+            Backend::Sqlite => format!("sqlite://{database}"),
+        }
+    }
+
+    /// The directory holding the configurations, the logs, the master key and the SQLite
+    /// database.
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
 
-    pub fn vault_config_path(&self) -> PathBuf {
-        self.dir.path().join("vault.toml")
+    fn config_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.toml"))
     }
 
+    /// Vault 0's configuration.
+    pub fn vault_config_path(&self) -> PathBuf {
+        self.config_path("vault")
+    }
+
+    /// Gateway 0's configuration.
     pub fn gateway_config_path(&self) -> PathBuf {
-        self.dir.path().join("gateway.toml")
+        self.config_path("gateway")
+    }
+
+    pub fn gateway_config_path_at(&self, index: usize) -> PathBuf {
+        self.config_path(&self.gateways[index].name)
     }
 
     fn log_path(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.log"))
     }
 
-    /// Everything the vault and the gateway have written so far (stdout and stderr).
-    pub fn logs(&self) -> (String, String) {
-        let read = |name: &str| fs::read_to_string(self.log_path(name)).unwrap_or_default();
-        (read("vault"), read("gateway"))
+    fn read_log(&self, name: &str) -> String {
+        fs::read_to_string(self.log_path(name)).unwrap_or_default()
     }
 
-    /// Starts the vault (again) and waits until it listens. Its log is appended to, so a
+    /// Everything vault 0 and gateway 0 have written so far (stdout and stderr).
+    pub fn logs(&self) -> (String, String) {
+        (self.read_log("vault"), self.read_log("gateway"))
+    }
+
+    /// Everything vault `index` has written so far, across restarts.
+    pub fn vault_log(&self, index: usize) -> String {
+        self.read_log(&self.vaults[index].name)
+    }
+
+    /// Everything gateway `index` has written so far, across restarts.
+    pub fn gateway_log(&self, index: usize) -> String {
+        self.read_log(&self.gateways[index].name)
+    }
+
+    /// Every process's log, for a failure message.
+    pub fn all_logs(&self) -> String {
+        self.vaults
+            .iter()
+            .chain(&self.gateways)
+            .map(|process| format!("--- {}.log ---\n{}\n", process.name, self.read_log(&process.name)))
+            .collect()
+    }
+
+    /// Starts vault 0 (again) and waits until it listens. Its log is appended to, so a
     /// restart keeps what the earlier run wrote.
     pub fn start_vault(&mut self) {
-        assert!(self.vault.is_none(), "the vault is already running");
-        let child = self.spawn(&self.binaries.vault, &self.vault_config_path(), "vault");
-        self.vault = Some(child);
-        self.wait_until_listening("vault");
+        self.start_vault_at(0);
     }
 
-    /// Kills the vault (SIGKILL, as a crash would) and waits for it to exit.
+    /// Kills vault 0 (SIGKILL, as a crash would) and waits for it to exit.
     pub fn kill_vault(&mut self) {
-        if let Some(mut child) = self.vault.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill_vault_at(0);
     }
 
-    /// Starts the gateway (again) and waits until it listens.
+    /// Starts gateway 0 (again) and waits until it listens.
     pub fn start_gateway(&mut self) {
-        assert!(self.gateway.is_none(), "the gateway is already running");
-        let child = self.spawn(&self.binaries.gateway, &self.gateway_config_path(), "gateway");
-        self.gateway = Some(child);
-        self.wait_until_listening("gateway");
+        self.start_gateway_at(0);
     }
 
-    /// Kills the gateway and waits for it to exit.
+    /// Kills gateway 0 (SIGKILL) and waits for it to exit.
     pub fn kill_gateway(&mut self) {
-        if let Some(mut child) = self.gateway.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill_gateway_at(0);
+    }
+
+    /// Starts vault `index` (again) and waits until it listens.
+    pub fn start_vault_at(&mut self, index: usize) {
+        let binary = self.binaries.vault.clone();
+        self.start_process(true, index, &binary);
+    }
+
+    /// Starts gateway `index` (again) and waits until it listens.
+    pub fn start_gateway_at(&mut self, index: usize) {
+        let binary = self.binaries.gateway.clone();
+        self.start_process(false, index, &binary);
+    }
+
+    /// Kills vault `index` with SIGKILL, as a crash would, and waits for it to exit.
+    pub fn kill_vault_at(&mut self, index: usize) {
+        kill(&mut self.vaults[index]);
+    }
+
+    /// Kills gateway `index` with SIGKILL and waits for it to exit.
+    pub fn kill_gateway_at(&mut self, index: usize) {
+        kill(&mut self.gateways[index]);
+    }
+
+    fn start_process(&mut self, vault: bool, index: usize, binary: &Path) {
+        let process = if vault {
+            &self.vaults[index]
+        } else {
+            &self.gateways[index]
+        };
+        assert!(process.child.is_none(), "{} is already running", process.name);
+        let name = process.name.clone();
+        let child = self.spawn(binary, &self.config_path(&name), &name);
+        let process = if vault {
+            &mut self.vaults[index]
+        } else {
+            &mut self.gateways[index]
+        };
+        process.child = Some(child);
+        self.wait_until_listening(vault, index);
     }
 
     fn spawn(&self, binary: &Path, config: &Path, name: &str) -> Child {
@@ -547,30 +747,30 @@ impl Stack {
             .unwrap_or_else(|err| panic!("cannot start {}: {err}", binary.display()))
     }
 
-    fn wait_until_listening(&mut self, name: &str) {
-        let (addr, child) = match name {
-            "vault" => (self.vault_addr, self.vault.as_mut()),
-            _ => (self.gateway_addr, self.gateway.as_mut()),
-        };
-        let child = child.expect("child was just started");
+    fn wait_until_listening(&mut self, vault: bool, index: usize) {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
+            let process = if vault {
+                &mut self.vaults[index]
+            } else {
+                &mut self.gateways[index]
+            };
+            let (name, addr) = (process.name.clone(), process.addr);
+            let child = process.child.as_mut().expect("child was just started");
             if let Some(status) = child.try_wait().unwrap() {
-                let (vault_log, gateway_log) = self.logs();
                 panic!(
-                    "{name} exited before listening on {addr} ({status})\n\
-                     --- vault.log ---\n{vault_log}\n--- gateway.log ---\n{gateway_log}"
+                    "{name} exited before listening on {addr} ({status})\n{}",
+                    self.all_logs()
                 );
             }
             if TcpStream::connect_timeout(&addr, READY_POLL).is_ok() {
                 return;
             }
             if Instant::now() >= deadline {
-                let (vault_log, gateway_log) = self.logs();
                 panic!(
-                    "{name} did not listen on {addr} within {} s\n\
-                     --- vault.log ---\n{vault_log}\n--- gateway.log ---\n{gateway_log}",
-                    READY_TIMEOUT.as_secs()
+                    "{name} did not listen on {addr} within {} s\n{}",
+                    READY_TIMEOUT.as_secs(),
+                    self.all_logs()
                 );
             }
             sleep(READY_POLL);
@@ -578,10 +778,20 @@ impl Stack {
     }
 }
 
+/// SIGKILLs a process's child, if it runs, and reaps it.
+fn kill(process: &mut Process) {
+    if let Some(mut child) = process.child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
-        self.kill_gateway();
-        self.kill_vault();
+        for process in self.gateways.iter_mut().chain(self.vaults.iter_mut()) {
+            kill(process);
+        }
+        // `postgres` drops after this: its database goes once nothing is connected to it.
     }
 }
 
@@ -781,4 +991,343 @@ fn is_zombie(pid: &str) -> bool {
         .ok()
         .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
         .unwrap_or(true)
+}
+
+// --- PostgreSQL backend, several processes, per-backend tests (issue 5) ---
+
+/// Which database engine a stack's gateways use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A file in the stack's directory (the embedded default).
+    Sqlite,
+    /// A fresh database on the local PostgreSQL server at [`POSTGRES_ADDR`].
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a gateway's `database` setting selects (the gateway's own rule).
+    pub fn of(database: &str) -> Self {
+        if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+            Self::Postgres
+        } else {
+            Self::Sqlite
+        }
+    }
+}
+
+/// Where the PostgreSQL tests expect a server (trust authentication, as CI's local cluster).
+pub const POSTGRES_ADDR: &str = "127.0.0.1:5432";
+
+/// Set to `1` (CI does, once PostgreSQL accepts connections) to turn a missing PostgreSQL into
+/// a failure instead of a skip.
+pub const REQUIRE_POSTGRES_ENV: &str = "TESSERA_REQUIRE_POSTGRES";
+
+/// Maintenance connections tried in order: the `test` database CI provides, then the
+/// `postgres` database every cluster has. TLS is off: the server is on 127.0.0.1 and the
+/// tests are about storage, not about the connection.
+const POSTGRES_MAINTENANCE_URLS: [&str; 2] = [
+    "postgres://postgres@127.0.0.1:5432/test?sslmode=disable",
+    "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable",
+];
+
+/// Prefix of every database the harness creates: `tessera_t_<pid>_<counter>`.
+const TEST_DATABASE_PREFIX: &str = "tessera_t_";
+
+/// Runs `future` to completion on a runtime of its own in a thread of its own, so the
+/// synchronous harness (stack start, `Drop`) can use sqlx from inside a test's runtime.
+fn run_on_side_runtime<T, F>(future: F) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
+{
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the database harness")
+            .block_on(future)
+    })
+    .join()
+    .expect("the database harness thread panicked")
+}
+
+/// The maintenance URL that answered, probed once per test process; `None` without a server.
+fn postgres_maintenance_url() -> Option<&'static str> {
+    static URL: OnceLock<Option<&'static str>> = OnceLock::new();
+    *URL.get_or_init(|| {
+        let addr: SocketAddr = POSTGRES_ADDR.parse().expect("valid address");
+        // A quick TCP probe first, so machines without PostgreSQL do not wait for sqlx.
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+        run_on_side_runtime(async {
+            use sqlx::Connection as _;
+            for url in POSTGRES_MAINTENANCE_URLS {
+                let attempt =
+                    tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(url)).await;
+                if let Ok(Ok(connection)) = attempt {
+                    let _ = connection.close().await;
+                    return Some(url);
+                }
+            }
+            None
+        })
+    })
+}
+
+/// Whether a PostgreSQL server accepts connections at [`POSTGRES_ADDR`] (probed once per
+/// process).
+pub fn postgres_available() -> bool {
+    postgres_maintenance_url().is_some()
+}
+
+/// True when PostgreSQL is available. Otherwise prints
+/// `SKIPPED (no PostgreSQL at 127.0.0.1:5432): TEST` to stderr and returns false, unless
+/// `TESSERA_REQUIRE_POSTGRES=1` (set by CI), in which case it panics: CI must not pass by
+/// skipping the PostgreSQL half of the suite.
+pub fn require_postgres(test_name: &str) -> bool {
+    if postgres_available() {
+        return true;
+    }
+    if std::env::var(REQUIRE_POSTGRES_ENV).as_deref() == Ok("1") {
+        panic!("no PostgreSQL at {POSTGRES_ADDR} but {REQUIRE_POSTGRES_ENV}=1 requires it ({test_name})");
+    }
+    // Straight to stderr so the skip shows even when the test's output is captured.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED (no PostgreSQL at {POSTGRES_ADDR}): {test_name}"
+    );
+    false
+}
+
+/// A database of its own on the local PostgreSQL server, named `tessera_t_<pid>_<counter>`,
+/// created empty (the gateway migrates it) and dropped with `WITH (FORCE)` on `Drop`, which
+/// also ends any connection a test still holds.
+#[derive(Debug)]
+pub struct TestDatabase {
+    name: String,
+    maintenance: &'static str,
+}
+
+impl TestDatabase {
+    /// Creates a fresh database; panics when PostgreSQL is not available. The first database
+    /// of a test process also drops those left behind by test processes that no longer run
+    /// (killed before their `Drop`).
+    pub fn create() -> Self {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        let maintenance = postgres_maintenance_url()
+            .unwrap_or_else(|| panic!("a PostgreSQL test needs a server at {POSTGRES_ADDR}"));
+        let name = format!(
+            "{TEST_DATABASE_PREFIX}{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        SWEPT.call_once(|| run_on_side_runtime(drop_stale_databases(maintenance)));
+        let create = format!("CREATE DATABASE \"{name}\"");
+        let result = run_on_side_runtime(async move {
+            use sqlx::{Connection as _, Executor as _};
+            let mut last_error = String::new();
+            // CREATE DATABASE copies a template and can collide with another copy of it in
+            // progress; a few spaced retries (bounded) ride that out.
+            for attempt in 0..5u64 {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+                match sqlx::PgConnection::connect(maintenance).await {
+                    Ok(mut connection) => {
+                        let created = connection.execute(create.as_str()).await;
+                        let _ = connection.close().await;
+                        match created {
+                            Ok(_) => return Ok(()),
+                            Err(err) => last_error = err.to_string(),
+                        }
+                    }
+                    Err(err) => last_error = err.to_string(),
+                }
+            }
+            Err(last_error)
+        });
+        if let Err(err) = result {
+            panic!("cannot create the test database {name}: {err}");
+        }
+        Self { name, maintenance }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The URL a gateway or a test connects with.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:5432/{}?sslmode=disable", self.name)
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let drop = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name);
+        let maintenance = self.maintenance;
+        let result = run_on_side_runtime(async move {
+            use sqlx::{Connection as _, Executor as _};
+            let mut connection = sqlx::PgConnection::connect(maintenance)
+                .await
+                .map_err(|err| err.to_string())?;
+            let dropped = connection.execute(drop.as_str()).await.map(|_| ());
+            let _ = connection.close().await;
+            dropped.map_err(|err| err.to_string())
+        });
+        // Never panic in `Drop` (it may run while a failed test unwinds); say it instead.
+        if let Err(err) = result {
+            let _ = writeln!(
+                std::io::stderr(),
+                "warning: could not drop test database {}: {err}",
+                self.name
+            );
+        }
+    }
+}
+
+/// Drops `tessera_t_<pid>_*` databases whose test process is gone.
+async fn drop_stale_databases(maintenance: &'static str) {
+    use sqlx::{Connection as _, Executor as _};
+    let Ok(mut connection) = sqlx::PgConnection::connect(maintenance).await else {
+        return;
+    };
+    let names: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE $1")
+        .bind(format!("{}%", TEST_DATABASE_PREFIX.replace('_', "\\_")))
+        .fetch_all(&mut connection)
+        .await
+        .unwrap_or_default();
+    for name in names {
+        let pid = name
+            .strip_prefix(TEST_DATABASE_PREFIX)
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let _ = connection
+            .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+            .await;
+    }
+    let _ = connection.close().await;
+}
+
+/// A small pool on the stack's database (either backend) for tests that look at or tamper
+/// with stored rows. Queries use `$1` placeholders, which both backends accept.
+pub async fn database_pool(stack: &Stack) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    let url = stack.database_url();
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap_or_else(|err| panic!("cannot open the test database {url}: {err}"))
+}
+
+/// Everything the database stores, as bytes to scan for data that must never be there: the
+/// SQLite file and its write-ahead log raw, or every PostgreSQL table's rows as text (bytea in
+/// escape format, so bytes appear as themselves, not as hex digits that could spell anything).
+pub async fn database_contents(stack: &Stack) -> Vec<u8> {
+    let url = stack.database_url();
+    match stack.backend() {
+        Backend::Sqlite => {
+            let path = PathBuf::from(url.trim_start_matches("sqlite://"));
+            let mut bytes = fs::read(&path).unwrap();
+            let mut wal = path.into_os_string();
+            wal.push("-wal");
+            if let Ok(log) = fs::read(&wal) {
+                bytes.extend(log);
+            }
+            bytes
+        }
+        Backend::Postgres => {
+            use sqlx::{Connection as _, Executor as _};
+            let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
+            connection.execute("SET bytea_output = 'escape'").await.unwrap();
+            let tables: Vec<String> = sqlx::query_scalar(
+                "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+            )
+            .fetch_all(&mut connection)
+            .await
+            .unwrap();
+            assert!(tables.iter().any(|t| t == "tokens"), "{tables:?}");
+            let mut bytes = Vec::new();
+            for table in tables {
+                let rows: String = sqlx::query_scalar(&format!(
+                    "SELECT coalesce(string_agg(t::text, '|'), '') FROM \"{table}\" t"
+                ))
+                .fetch_one(&mut connection)
+                .await
+                .unwrap();
+                bytes.extend(rows.into_bytes());
+            }
+            let _ = connection.close().await;
+            bytes
+        }
+    }
+}
+
+/// A channel to gateway `index` as the client certificate `client_cert_name`.
+pub async fn gateway_channel_at(stack: &Stack, index: usize, client_cert_name: &str) -> Channel {
+    let pki = stack.pki();
+    try_channel(
+        stack.gateway_addr_at(index),
+        "tessera-gateway",
+        &pki.ca(),
+        &pki.cert(client_cert_name),
+        &pki.key(client_cert_name),
+    )
+    .await
+    .unwrap_or_else(|err| panic!("cannot connect to gateway {index} as {client_cert_name}: {err:?}"))
+}
+
+/// Runs each named `async fn NAME(backend: Backend)` as two tests, `NAME::sqlite` and
+/// `NAME::postgres`; the PostgreSQL one skips with a notice when there is no server (see
+/// [`require_postgres`]). `cargo test NAME` runs both.
+///
+/// ```ignore
+/// async fn tokenize_works(backend: Backend) {
+///     let stack = Stack::start_on(backend);
+///     // ...
+/// }
+/// backend_tests!(tokenize_works);
+/// ```
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name($crate::common::Backend::Sqlite).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                if $crate::common::require_postgres(concat!(module_path!(), "::postgres")) {
+                    super::$name($crate::common::Backend::Postgres).await;
+                }
+            }
+        }
+    )+};
+}
+
+/// [`backend_tests!`] for synchronous `fn NAME(backend: Backend)` tests.
+#[macro_export]
+macro_rules! backend_tests_sync {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn sqlite() {
+                super::$name($crate::common::Backend::Sqlite);
+            }
+
+            #[test]
+            fn postgres() {
+                if $crate::common::require_postgres(concat!(module_path!(), "::postgres")) {
+                    super::$name($crate::common::Backend::Postgres);
+                }
+            }
+        }
+    )+};
 }

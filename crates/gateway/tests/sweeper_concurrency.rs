@@ -13,6 +13,7 @@
     clippy::indexing_slicing
 )]
 
+use std::io::Write as _;
 use std::time::Duration;
 
 use sqlx::{Connection as _, Executor as _};
@@ -83,7 +84,11 @@ impl PostgresDatabase {
             std::env::var("TESSERA_REQUIRE_POSTGRES").as_deref() != Ok("1"),
             "no PostgreSQL at 127.0.0.1:5432 but TESSERA_REQUIRE_POSTGRES=1 requires it ({test})"
         );
-        eprintln!("SKIPPED (no PostgreSQL at 127.0.0.1:5432): {test}");
+        // Straight to stderr, past the test harness's capture, so the skip is seen.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED (no PostgreSQL at 127.0.0.1:5432): {test}"
+        );
         None
     }
 
@@ -110,7 +115,8 @@ async fn two_sweepers_expire_each_token_once_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sweepers_expire_each_token_once_postgres() {
-    let Some(database) = PostgresDatabase::create("two_sweepers_expire_each_token_once_postgres").await else {
+    let Some(database) = PostgresDatabase::create("two_sweepers_expire_each_token_once_postgres").await
+    else {
         return;
     };
     two_sweepers_expire_each_token_once(&database.url()).await;
@@ -200,7 +206,11 @@ async fn one_lease_holder_at_a_time(database: &str) {
         let now = NOW + round * 20_000; // every round starts after the last lease ran out
         let mut asks = tokio::task::JoinSet::new();
         for asker in 0..8 {
-            let store = if asker % 2 == 0 { first.clone() } else { second.clone() };
+            let store = if asker % 2 == 0 {
+                first.clone()
+            } else {
+                second.clone()
+            };
             asks.spawn(async move {
                 let holder = format!("gateway-{asker}");
                 let taken = store.try_take_lease("sweeper", &holder, now, ttl).await.unwrap();
@@ -221,13 +231,28 @@ async fn one_lease_holder_at_a_time(database: &str) {
     let now = NOW + 1_000_000;
     assert!(first.try_take_lease("job", "a", now, ttl).await.unwrap());
     assert!(!second.try_take_lease("job", "b", now + 1, ttl).await.unwrap());
-    assert!(first.try_take_lease("job", "a", now + 9_000, ttl).await.unwrap(), "renewal");
     assert!(
-        !second.try_take_lease("job", "b", now + 18_999, ttl).await.unwrap(),
+        first.try_take_lease("job", "a", now + 9_000, ttl).await.unwrap(),
+        "renewal"
+    );
+    assert!(
+        !second
+            .try_take_lease("job", "b", now + 18_999, ttl)
+            .await
+            .unwrap(),
         "the renewal extended the lease to now + 9 s + ttl"
     );
-    assert!(second.try_take_lease("job", "b", now + 19_000, ttl).await.unwrap(), "expired lease");
+    assert!(
+        second
+            .try_take_lease("job", "b", now + 19_000, ttl)
+            .await
+            .unwrap(),
+        "expired lease"
+    );
     assert!(!first.try_take_lease("job", "a", now + 19_001, ttl).await.unwrap());
     // Leases of different jobs are independent.
-    assert!(first.try_take_lease("other-job", "a", now + 19_001, ttl).await.unwrap());
+    assert!(first
+        .try_take_lease("other-job", "a", now + 19_001, ttl)
+        .await
+        .unwrap());
 }
