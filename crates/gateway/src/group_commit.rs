@@ -21,6 +21,8 @@ const MAX_BATCH: usize = 512;
 /// Rows per multi-row INSERT: 24 columns × 256 rows stays well under SQLite's 32766 and
 /// PostgreSQL's 65535 bind parameters.
 const ROWS_PER_INSERT: usize = 256;
+/// `last_used_at` of a multi-use card token is kept to this precision (see `record_use`).
+const LAST_USED_PRECISION_MS: i64 = 60_000;
 /// Writes waiting for a writer; past this, requests wait to enqueue (back-pressure).
 const QUEUE_DEPTH: usize = 8192;
 
@@ -235,7 +237,11 @@ async fn run(pool: &AnyPool, ops: &[&WriteOp]) -> Result<Vec<WriteReply>, StoreE
             .iter()
             .any(|(merchant, token)| *merchant == record.merchant_id && *token == record.token)
     };
-    for (index, op) in ops.iter().enumerate() {
+    // Row updates run in one order (by merchant and token) in every batch, so two writers'
+    // batches that touch the same rows wait for each other instead of deadlocking.
+    let mut order: Vec<(usize, &WriteOp)> = ops.iter().copied().enumerate().collect();
+    order.sort_by(|(_, a), (_, b)| row_key(a).cmp(&row_key(b)));
+    for (index, op) in order {
         let reply = match op {
             WriteOp::InsertToken { record, .. } => WriteReply::Inserted(was_inserted(record)),
             WriteOp::InsertTokens { rows } => {
@@ -316,6 +322,17 @@ async fn run(pool: &AnyPool, ops: &[&WriteOp]) -> Result<Vec<WriteReply>, StoreE
         .into_iter()
         .map(|reply| reply.ok_or_else(|| StoreError::Query("a write got no reply".into())))
         .collect()
+}
+
+/// The token row an op updates first, for a consistent lock order.
+fn row_key(op: &WriteOp) -> (&str, &str) {
+    match op {
+        WriteOp::Transition { journal, .. } | WriteOp::RecordUse { journal, .. } | WriteOp::Extend { journal, .. } => {
+            (journal.merchant_id.as_str(), journal.token.as_str())
+        }
+        WriteOp::ReportAuthorization(report) => (report.merchant_id.as_str(), report.token.as_str()),
+        WriteOp::InsertKeys { .. } | WriteOp::InsertToken { .. } | WriteOp::InsertTokens { .. } => ("", ""),
+    }
 }
 
 /// Inserts token rows, skipping any that already exist; returns (merchant, token) of the rows
@@ -434,17 +451,31 @@ async fn record_use(
          ended_at = CASE WHEN $3 = 1 THEN $1 ELSE ended_at END, \
          ciphertext = CASE WHEN $3 = 1 THEN NULL ELSE ciphertext END, \
          fingerprint = CASE WHEN $3 = 1 THEN NULL ELSE fingerprint END \
-         WHERE merchant_id = $4 AND token = $5 AND status = 'active'",
+         WHERE merchant_id = $4 AND token = $5 AND status = 'active' \
+         AND ($3 = 1 OR $2 IS NOT NULL OR last_used_at IS NULL OR last_used_at <= $1 - $6)",
     )
     .bind(journal.at)
     .bind(retain_until)
     .bind(i64::from(consume))
     .bind(&journal.merchant_id)
     .bind(&journal.token)
+    .bind(LAST_USED_PRECISION_MS)
     .execute(&mut *savepoint)
     .await?
     .rows_affected();
-    if used != 1 {
+    // A multi-use card token used again within a minute keeps its last_used_at: then nothing
+    // changes in the row, so repeated payments with one token do not queue on its row lock.
+    // Its use must still find it active.
+    let still_active = used == 1
+        || (!consume
+            && retain_until.is_none()
+            && sqlx::query("SELECT 1 AS one FROM tokens WHERE merchant_id = $1 AND token = $2 AND status = 'active'")
+                .bind(&journal.merchant_id)
+                .bind(&journal.token)
+                .fetch_optional(&mut *savepoint)
+                .await?
+                .is_some());
+    if !still_active {
         savepoint.rollback().await?;
         return Ok(false);
     }
