@@ -1,7 +1,7 @@
 //! Key rotation end to end: data-key rotation twice under a steady mixed load (every token
 //! still detokenizes to its card, every record ends on the newest version, the old versions
 //! are destroyed), and master-key (KEK) rotation with a previous key and `tessera keys
-//! rewrap-all`.
+//! rewrap-all`. On SQLite and on PostgreSQL.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::requests::{self, revealed_number, tokenize_card};
-use common::{database_pool, gateway_channel, run_tessera, CallerPolicy, Stack, StackOptions};
+use common::{database_pool, gateway_channel, run_tessera, Backend, CallerPolicy, Stack, StackOptions};
 use tessera_api::v1::key_admin_client::KeyAdminClient;
 use tessera_api::v1::tokenization_client::TokenizationClient;
 use tessera_api::v1::{RotateKeyRequest, RotationStatusRequest};
@@ -48,8 +48,9 @@ fn card_number(n: u64) -> String {
     format!("{body}{}", (10 - sum % 10) % 10)
 }
 
-fn options() -> StackOptions {
+fn options(backend: Backend) -> StackOptions {
     let mut options = StackOptions {
+        backend,
         callers: vec![
             CallerPolicy::all("spiffe://tessera/dev-client"),
             CallerPolicy::new(
@@ -99,10 +100,9 @@ async fn data_key_versions(stack: &Stack) -> Vec<i64> {
     versions
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rotating_twice_under_load_reencrypts_everything_and_destroys_old_versions() {
+async fn rotating_twice_under_load_reencrypts_everything_and_destroys_old_versions(backend: Backend) {
     let started = Instant::now();
-    let stack = Stack::start_with(options());
+    let stack = Stack::start_with(options(backend));
     let channel = gateway_channel(&stack, "dev-client").await;
     let mut admin = KeyAdminClient::new(gateway_channel(&stack, "operator").await);
     let cards: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
@@ -281,13 +281,12 @@ async fn detokenize_after_restart(client: &mut TokenizationClient<Channel>, toke
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kek_rotation_rewraps_every_key_and_the_old_key_can_go() {
+async fn kek_rotation_rewraps_every_key_and_the_old_key_can_go(backend: Backend) {
     let keys = tempfile::tempdir().unwrap();
     let (key_a, key_b) = (keys.path().join("key-a"), keys.path().join("key-b"));
     write_key_file(&key_a);
     write_key_file(&key_b);
-    let mut options = options();
+    let mut options = options(backend);
     let mut master: toml::Table = toml::Table::new();
     master.insert("source".into(), "development-file".into());
     master.insert("path".into(), key_a.to_str().unwrap().into());
@@ -333,3 +332,9 @@ async fn kek_rotation_rewraps_every_key_and_the_old_key_can_go() {
     let token = tokenize(&mut client, &card_number(999)).await;
     assert_eq!(detokenize(&mut client, &token).await.unwrap(), card_number(999));
 }
+
+backend_tests!(
+    multi_thread:
+    rotating_twice_under_load_reencrypts_everything_and_destroys_old_versions,
+    kek_rotation_rewraps_every_key_and_the_old_key_can_go,
+);

@@ -1293,8 +1293,25 @@ pub async fn gateway_channel_at(stack: &Stack, index: usize, client_cert_name: &
 /// }
 /// backend_tests!(tokenize_works);
 /// ```
+/// `backend_tests!(multi_thread: NAME, ...)` runs them on tokio's multi-thread runtime (two
+/// workers), for tests that block a thread while their load keeps running.
 #[macro_export]
 macro_rules! backend_tests {
+    (multi_thread: $($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::common::Backend::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if $crate::common::require_postgres(concat!(module_path!(), "::postgres")) {
+                    super::$name($crate::common::Backend::Postgres).await;
+                }
+            }
+        }
+    )+};
     ($($name:ident),+ $(,)?) => {$(
         mod $name {
             #[tokio::test]
