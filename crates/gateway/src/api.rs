@@ -756,6 +756,8 @@ impl Gateway {
                     data_key_version: record.data_key_version,
                     ciphertext,
                     cvc_token,
+                    // The vault's audit record names why the data was revealed.
+                    purpose: purpose.journal_text(),
                 },
             )
             .await?;

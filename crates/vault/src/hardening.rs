@@ -4,9 +4,6 @@
 use rustix::mm::{mlockall, MlockAllFlags};
 use rustix::process::{getrlimit, set_dumpable_behavior, setrlimit, DumpableBehavior, Resource, Rlimit};
 
-/// Below this memory-lock limit the vault does not lock memory: with `MCL_FUTURE`, every later
-/// allocation past the limit would fail and abort the process.
-const MIN_MEMLOCK_BYTES: u64 = 1 << 30;
 
 /// What hardening achieved.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,7 +36,7 @@ pub fn harden_process() -> HardeningReport {
         Err(why) => {
             tracing::warn!(
                 "MEMORY NOT LOCKED: {why}; secrets may be swapped to disk. Raise the memory-lock \
-                 limit (e.g. LimitMEMLOCK=infinity) or grant CAP_IPC_LOCK."
+                 limit to unlimited (e.g. LimitMEMLOCK=infinity, or ulimit -l unlimited)."
             );
             (false, why)
         }
@@ -60,13 +57,11 @@ pub fn harden_process() -> HardeningReport {
 }
 
 fn lock_memory() -> Result<(), String> {
+    // Only with no memory-lock limit: with `MCL_FUTURE`, any allocation past a finite limit
+    // would fail and abort the process, and how much the vault allocates depends on its load.
     let limit = getrlimit(Resource::Memlock);
     if let Some(current) = limit.current {
-        if current < MIN_MEMLOCK_BYTES {
-            return Err(format!(
-                "the memory-lock limit is {current} bytes, below the {MIN_MEMLOCK_BYTES} needed"
-            ));
-        }
+        return Err(format!("the memory-lock limit is {current} bytes, not unlimited"));
     }
     mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE).map_err(|err| format!("mlockall failed: {err}"))
 }

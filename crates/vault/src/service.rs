@@ -33,6 +33,9 @@ use crate::token::{TokenError, TokenRandom};
 /// Most items one request may carry; bounds the work and memory of a single call.
 pub const MAX_BATCH_ITEMS: usize = 10_000;
 
+/// Longest reveal purpose recorded in the audit log.
+const MAX_PURPOSE_BYTES: usize = 128;
+
 /// gRPC status codes used for item and request errors (google.rpc.Code values).
 pub mod code {
     pub const INVALID_ARGUMENT: i32 = 3;
@@ -632,6 +635,7 @@ impl Vault {
                         ("cvc_token", &item.cvc_token),
                         ("data_key_version", &version),
                         ("cvc", cvc),
+                        ("purpose", &item.purpose),
                     ],
                 );
                 let result = match outcome {
@@ -651,6 +655,14 @@ impl Vault {
         keys: &HashMap<(&str, i32, u32), &WrappedKey>,
         item: &RevealItem,
     ) -> Result<Revealed, ItemError> {
+        if item.purpose.len() > MAX_PURPOSE_BYTES {
+            return Err(item_error(
+                code::INVALID_ARGUMENT,
+                "INVALID_PURPOSE",
+                format!("purpose is at most {MAX_PURPOSE_BYTES} bytes"),
+                "purpose",
+            ));
+        }
         let data = if item.ciphertext.is_empty() {
             None
         } else {
