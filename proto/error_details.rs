@@ -45,6 +45,7 @@ pub fn decode_error_info(details: &[u8]) -> Option<ErrorInfo> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
