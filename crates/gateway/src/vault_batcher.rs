@@ -175,9 +175,21 @@ impl<O: Operation> Queues<O> {
         // Waiting bulk work keeps a quarter of the batch, so an import moves on under load.
         let reserved = self.bulk.len().min(limits.max_items / 4);
         let interactive_limit = limits.max_items.saturating_sub(reserved).max(1);
-        take_from(&mut self.interactive, &mut batch, &mut bytes, interactive_limit, limits);
+        take_from(
+            &mut self.interactive,
+            &mut batch,
+            &mut bytes,
+            interactive_limit,
+            limits,
+        );
         take_from(&mut self.bulk, &mut batch, &mut bytes, limits.max_items, limits);
-        take_from(&mut self.interactive, &mut batch, &mut bytes, limits.max_items, limits);
+        take_from(
+            &mut self.interactive,
+            &mut batch,
+            &mut bytes,
+            limits.max_items,
+            limits,
+        );
         batch
     }
 
@@ -281,7 +293,10 @@ impl<O: Operation> Batcher<O> {
         pin: Option<usize>,
     ) -> Reply<O::Output> {
         let (reply, answer) = oneshot::channel();
-        self.enqueue(Lane::Interactive, vec![Pending::new(keys.into(), item, pin, reply)]);
+        self.enqueue(
+            Lane::Interactive,
+            vec![Pending::new(keys.into(), item, pin, reply)],
+        );
         answer.await.unwrap_or_else(|_| Err(Failed::Call(lost())))
     }
 
@@ -449,7 +464,10 @@ async fn run<O: Operation>(inner: Arc<Inner<O>>, endpoint: usize, batch: Vec<Pen
                 }
             }
             if !again.is_empty() {
-                tracing::info!(items = again.len(), "vault endpoint failed; sending its items to another");
+                tracing::info!(
+                    items = again.len(),
+                    "vault endpoint failed; sending its items to another"
+                );
             }
         }
     }

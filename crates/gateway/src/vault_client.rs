@@ -8,9 +8,9 @@ use std::time::Duration;
 use tessera_api::error_details::decode_error_info;
 use tessera_api::vault::vault_client::VaultClient as GeneratedClient;
 use tessera_api::vault::{
-    protect_result, reencrypt_result, reveal_result, rewrap_result, CreateKeysRequest, EchoRequest, ItemError,
-    ProtectItem, ProtectRequest, Protected, ReencryptItem, ReencryptRequest, Reencrypted, RevealItem,
-    RevealRequest, Revealed, RewrapKeysRequest, WrappedKey,
+    protect_result, reencrypt_result, reveal_result, rewrap_result, CreateKeysRequest, EchoRequest,
+    ItemError, ProtectItem, ProtectRequest, Protected, ReencryptItem, ReencryptRequest, Reencrypted,
+    RevealItem, RevealRequest, Revealed, RewrapKeysRequest, WrappedKey,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
@@ -194,7 +194,11 @@ impl VaultClient {
 
     /// Protects one item, batched with concurrent calls. Returns the URL of the vault that
     /// protected it too: a CVC it now holds lives only in that vault's memory.
-    pub async fn protect(&self, keys: Vec<WrappedKey>, item: ProtectItem) -> Result<(Protected, String), ApiError> {
+    pub async fn protect(
+        &self,
+        keys: Vec<WrappedKey>,
+        item: ProtectItem,
+    ) -> Result<(Protected, String), ApiError> {
         let served = self
             .protects
             .one(keys, item, None)
@@ -423,8 +427,13 @@ fn vault_call_error(status: &Status) -> ApiError {
 mod tests {
     //! The client against small in-process fakes of the vault's gRPC service (plaintext, on
     //! 127.0.0.1:0): enough to count requests and items, delay answers and fail on cue. The
-    //! end-to-end tests (tests/e2e_vault_scale_out.rs) use the real vault binary.
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+    //! end-to-end tests (tests/e2e_vault_failover.rs) use the real vault binary.
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )]
 
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -517,7 +526,10 @@ mod tests {
 
         /// Tokens are `tok_<vault>_<card number>`, so a test sees which vault answered whom;
         /// merchant `bad` is refused per item.
-        async fn protect(&self, request: Request<ProtectRequest>) -> Result<Response<ProtectResponse>, Status> {
+        async fn protect(
+            &self,
+            request: Request<ProtectRequest>,
+        ) -> Result<Response<ProtectResponse>, Status> {
             let request = request.into_inner();
             self.arrive(request.keys.len(), request.items.len()).await?;
             let results = request
@@ -681,6 +693,7 @@ mod tests {
             data_key_version: 1,
             ciphertext: vec![1],
             cvc_token: cvc_token.into(),
+            ..RevealItem::default()
         }
     }
 
@@ -701,7 +714,11 @@ mod tests {
             .map(|i| {
                 let client = client.clone();
                 let merchant = merchant_of(i);
-                tokio::spawn(async move { client.protect(keys(merchant), item(merchant, &format!("n{i}"))).await })
+                tokio::spawn(async move {
+                    client
+                        .protect(keys(merchant), item(merchant, &format!("n{i}")))
+                        .await
+                })
             })
             .collect();
         let mut results = Vec::new();
@@ -742,11 +759,18 @@ mod tests {
         }
         let requests = vault.requests.lock().unwrap().clone();
         assert_eq!(requests.iter().sum::<usize>(), 64);
-        assert!(requests.len() < 64 / 4, "64 calls took {} requests: {requests:?}", requests.len());
+        assert!(
+            requests.len() < 64 / 4,
+            "64 calls took {} requests: {requests:?}",
+            requests.len()
+        );
         // Keys are sent once per merchant, purpose and version, however many items use them.
         let keys_sent = vault.keys.lock().unwrap().clone();
         for (items, keys) in requests.iter().zip(&keys_sent) {
-            assert!(*keys <= 4 && (*items == 1 || *keys == 4), "{items} items with {keys} keys");
+            assert!(
+                *keys <= 4 && (*items == 1 || *keys == 4),
+                "{items} items with {keys} keys"
+            );
         }
     }
 
@@ -803,7 +827,10 @@ mod tests {
             }
         }
         let requests = vault.requests.lock().unwrap().clone();
-        assert!(requests.iter().all(|items| *items <= MAX_BATCH_ITEMS_FOR_TEST), "{requests:?}");
+        assert!(
+            requests.iter().all(|items| *items <= MAX_BATCH_ITEMS_FOR_TEST),
+            "{requests:?}"
+        );
         assert_eq!(requests.iter().sum::<usize>(), 600);
     }
 
@@ -861,7 +888,10 @@ mod tests {
     async fn no_vault_reachable_is_unavailable_and_fails_a_bulk_call_whole() {
         let client = client(&[&dead_url().await, &dead_url().await], Limits::default());
         let error = client.protect(keys("m1"), item("m1", "n0")).await.unwrap_err();
-        assert_eq!((error.code, error.reason.as_ref()), (Code::Unavailable, "VAULT_UNAVAILABLE"));
+        assert_eq!(
+            (error.code, error.reason.as_ref()),
+            (Code::Unavailable, "VAULT_UNAVAILABLE")
+        );
         let items = (0..10).map(|i| item("m1", &format!("n{i}"))).collect();
         let error = client.protect_batch(keys("m1"), items).await.unwrap_err();
         assert_eq!(error.reason, "VAULT_UNAVAILABLE");
@@ -888,7 +918,10 @@ mod tests {
         b.sealed.store(true, Ordering::SeqCst);
         let client = client(&[&url_a, &url_b], Limits::default());
         let error = client.protect(keys("m1"), item("m1", "n0")).await.unwrap_err();
-        assert_eq!((error.code, error.reason.as_ref()), (Code::Unavailable, "VAULT_SEALED"));
+        assert_eq!(
+            (error.code, error.reason.as_ref()),
+            (Code::Unavailable, "VAULT_SEALED")
+        );
         // One of them answered and was not asked again; the next call finds both sealed.
         let error = client.protect(keys("m1"), item("m1", "n0")).await.unwrap_err();
         assert_eq!(error.reason, "VAULT_SEALED");
@@ -897,7 +930,10 @@ mod tests {
         // Unsealing one brings it back through a probe.
         b.sealed.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(client.protect(keys("m1"), item("m1", "n1")).await.unwrap().1, url_b);
+        assert_eq!(
+            client.protect(keys("m1"), item("m1", "n1")).await.unwrap().1,
+            url_b
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -910,7 +946,9 @@ mod tests {
                 .map(|_| {
                     let client = client.clone();
                     let url = url.clone();
-                    tokio::spawn(async move { client.reveal_on(&url, keys("m1"), reveal_item("tok_c")).await })
+                    tokio::spawn(
+                        async move { client.reveal_on(&url, keys("m1"), reveal_item("tok_c")).await },
+                    )
                 })
                 .collect();
             for call in calls {
@@ -919,12 +957,21 @@ mod tests {
         }
         // With its vault out of rotation, the reveal goes to another.
         b.broken.store(true, Ordering::SeqCst);
-        let revealed = client.reveal_on(&url_b, keys("m1"), reveal_item("tok_c")).await.unwrap();
+        let revealed = client
+            .reveal_on(&url_b, keys("m1"), reveal_item("tok_c"))
+            .await
+            .unwrap();
         assert_eq!(revealed.cvc, "a");
-        let revealed = client.reveal_on(&url_b, keys("m1"), reveal_item("tok_c")).await.unwrap();
+        let revealed = client
+            .reveal_on(&url_b, keys("m1"), reveal_item("tok_c"))
+            .await
+            .unwrap();
         assert_eq!(revealed.cvc, "a");
         // Unknown or no vault: any.
-        assert!(client.reveal_on("https://elsewhere:1", keys("m1"), reveal_item("")).await.is_ok());
+        assert!(client
+            .reveal_on("https://elsewhere:1", keys("m1"), reveal_item(""))
+            .await
+            .is_ok());
         assert!(client.reveal(keys("m1"), reveal_item("")).await.is_ok());
     }
 

@@ -142,11 +142,7 @@ impl VaultEndpoint {
             }
             health.last_probe = Some(now);
         }
-        let outcome = tokio::time::timeout(
-            PROBE_TIMEOUT,
-            self.client().echo(EchoRequest::default()),
-        )
-        .await;
+        let outcome = tokio::time::timeout(PROBE_TIMEOUT, self.client().echo(EchoRequest::default())).await;
         let mut health = self.health();
         match outcome {
             Ok(Ok(_)) => {
@@ -221,9 +217,7 @@ impl Pool {
 
     /// The endpoint configured as `url`, if any.
     pub(crate) fn index_of(&self, url: &str) -> Option<usize> {
-        self.endpoints
-            .iter()
-            .position(|endpoint| &*endpoint.url == url)
+        self.endpoints.iter().position(|endpoint| &*endpoint.url == url)
     }
 
     pub(crate) fn is_up(&self, index: usize) -> bool {
@@ -323,7 +317,12 @@ impl Pool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )]
     use super::*;
     use tessera_api::error_details::encode_status_details;
 
@@ -340,8 +339,17 @@ mod tests {
 
     #[test]
     fn failures_are_sorted_by_who_answered() {
-        for code in [Code::Unavailable, Code::Unknown, Code::Cancelled, Code::DeadlineExceeded] {
-            assert_eq!(CallFailure::of(&status(code, None)), CallFailure::Transport, "{code:?}");
+        for code in [
+            Code::Unavailable,
+            Code::Unknown,
+            Code::Cancelled,
+            Code::DeadlineExceeded,
+        ] {
+            assert_eq!(
+                CallFailure::of(&status(code, None)),
+                CallFailure::Transport,
+                "{code:?}"
+            );
         }
         assert_eq!(
             CallFailure::of(&status(Code::Unavailable, Some("VAULT_SEALED"))),
@@ -357,7 +365,11 @@ mod tests {
             (Code::Internal, None),
             (Code::PermissionDenied, None),
         ] {
-            assert_eq!(CallFailure::of(&status(code, reason)), CallFailure::Answered, "{code:?}");
+            assert_eq!(
+                CallFailure::of(&status(code, reason)),
+                CallFailure::Answered,
+                "{code:?}"
+            );
         }
     }
 
