@@ -37,10 +37,10 @@ mod generated {
 }
 
 pub use generated::google::rpc;
-pub use generated::tessera::v1;
-pub use generated::tessera::vault::v1 as vault;
 /// The benchmark floor (`tessera.bench.v1.Floor`), served only when the gateway enables it.
 pub use generated::tessera::bench::v1 as bench;
+pub use generated::tessera::v1;
+pub use generated::tessera::vault::v1 as vault;
 
 /// The encoded `FileDescriptorSet` of every Tessera proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tessera_descriptor.bin"));

@@ -176,26 +176,28 @@ pub fn render_configs(layout: &StackLayout) -> Result<RenderedConfigs, StackErro
             client_cert: certs(&pki::cert_file("gateway-client"))?,
             client_key: certs(&pki::key_file("gateway-client"))?,
         },
-        callers: vec![Caller {
-            identity: "spiffe://tessera/dev-client",
-            merchants: vec!["*"],
-            // The development caller may do everything, so every flow can be tried by hand.
-            operations: vec![
-                "tokenize",
-                "read_metadata",
-                "list",
-                "detokenize",
-                "detokenize_merchant_initiated",
-                "delete",
-                "extend",
-            ],
-        },
-        // The operator identity of `tessera keys ...` (key rotation and its status).
-        Caller {
-            identity: "spiffe://tessera/operator",
-            merchants: vec!["*"],
-            operations: vec!["rotate_keys", "read_metadata"],
-        }],
+        callers: vec![
+            Caller {
+                identity: "spiffe://tessera/dev-client",
+                merchants: vec!["*"],
+                // The development caller may do everything, so every flow can be tried by hand.
+                operations: vec![
+                    "tokenize",
+                    "read_metadata",
+                    "list",
+                    "detokenize",
+                    "detokenize_merchant_initiated",
+                    "delete",
+                    "extend",
+                ],
+            },
+            // The operator identity of `tessera keys ...` (key rotation and its status).
+            Caller {
+                identity: "spiffe://tessera/operator",
+                merchants: vec!["*"],
+                operations: vec!["rotate_keys", "read_metadata"],
+            },
+        ],
     };
     Ok(RenderedConfigs {
         vault: toml::to_string(&vault).map_err(StackError::Render)?,
@@ -886,7 +888,15 @@ mod tests {
             .collect();
         assert_eq!(
             operations,
-            ["tokenize", "read_metadata", "list", "detokenize", "detokenize_merchant_initiated", "delete", "extend"]
+            [
+                "tokenize",
+                "read_metadata",
+                "list",
+                "detokenize",
+                "detokenize_merchant_initiated",
+                "delete",
+                "extend"
+            ]
         );
         assert_eq!(gateway.len(), 5, "no unexpected keys: {gateway:?}");
     }

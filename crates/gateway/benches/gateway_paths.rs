@@ -1,7 +1,13 @@
 //! Criterion benches of the gateway's own work, without the vault or the network: request
 //! validation, and the durable storage write path (group commit into SQLite), alone and with
 //! 64 writes in flight. Run with `cargo bench -p tessera-gateway`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    missing_docs
+)]
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +21,12 @@ use tessera_gateway::store::{Store, TokenRecord};
 use tessera_gateway::validate;
 
 fn validation(c: &mut Criterion) {
-    let card = Card { number: "4111 1111 1111 1111".into(), expiry_month: 12, expiry_year: 2031, holder_name: "Ada Lovelace".into() };
+    let card = Card {
+        number: "4111 1111 1111 1111".into(),
+        expiry_month: 12,
+        expiry_year: 2031,
+        holder_name: "Ada Lovelace".into(),
+    };
     let purpose = Purpose {
         initiator: Initiator::Cardholder as i32,
         recurring_model: RecurringModel::CardOnFile as i32,
@@ -80,7 +91,11 @@ fn record(counter: &AtomicU64) -> (TokenRecord, Journal) {
 }
 
 fn storage(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bench.db");
     let store = runtime.block_on(Store::open(path.to_str().unwrap())).unwrap();

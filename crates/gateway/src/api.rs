@@ -6,12 +6,12 @@ use std::sync::Arc;
 use tessera_api::identity::peer_identity;
 use tessera_api::v1::tokenization_server::Tokenization;
 use tessera_api::v1::{
-    AuthorizationOutcome, CardBlock, ReportAuthorizationRequest, ReportAuthorizationResponse, SubscribeEventsRequest,
-    detokenize_response, tokenize_request, BankAccount, Card, CardBrand, ConfirmTokenRequest, Contact,
-    DataType, DeleteTokenRequest, DeleteTokenResponse, DetokenizeRequest, DetokenizeResponse,
-    ExtendRetentionRequest, GetTokenHistoryRequest, GetTokenHistoryResponse, GetTokenRequest,
-    JournalEntry as ApiJournalEntry, ListTokensRequest, ListTokensResponse, Token, TokenFormat, TokenStatus,
-    TokenizeRequest, TokenizeResponse, TransactionType,
+    detokenize_response, tokenize_request, AuthorizationOutcome, BankAccount, Card, CardBlock, CardBrand,
+    ConfirmTokenRequest, Contact, DataType, DeleteTokenRequest, DeleteTokenResponse, DetokenizeRequest,
+    DetokenizeResponse, ExtendRetentionRequest, GetTokenHistoryRequest, GetTokenHistoryResponse,
+    GetTokenRequest, JournalEntry as ApiJournalEntry, ListTokensRequest, ListTokensResponse,
+    ReportAuthorizationRequest, ReportAuthorizationResponse, SubscribeEventsRequest, Token, TokenFormat,
+    TokenStatus, TokenizeRequest, TokenizeResponse, TransactionType,
 };
 use tessera_api::vault::{self, secret_data, ProtectItem, RevealItem, SecretData};
 use tonic::{Code, Request, Response, Status};
@@ -20,12 +20,12 @@ use zeroize::Zeroizing;
 use crate::clock::{add_months, end_of_month, Clock, UnixMillis};
 use crate::config::Lifecycle;
 use crate::error::ApiError;
-use crate::retry_guard::{Outcome, Report, RetryGuardConfig};
 use crate::group_commit::Journal;
 use crate::idempotency::request_hash;
 use crate::keyring::{KeyRing, PURPOSE_DATA};
 use crate::policy::{Operation, Policy};
 use crate::purpose::{check_kind, check_purpose, CheckedPurpose, Kind};
+use crate::retry_guard::{Outcome, Report, RetryGuardConfig};
 use crate::store::{
     JournalEntry, ListCursor, Store, StoreError, TokenRecord, Transition, STATUS_ACTIVE, STATUS_CONSUMED,
     STATUS_DELETED, STATUS_EXPIRED, STATUS_PROVISIONAL,
@@ -63,7 +63,12 @@ fn rfc3339(ms: UnixMillis) -> String {
     let days = ms.div_euclid(86_400_000);
     let seconds = ms.rem_euclid(86_400_000) / 1000;
     let (year, month, day) = crate::clock::civil_from_days(days);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", seconds / 3600, seconds / 60 % 60, seconds % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    )
 }
 
 /// The state every handler shares.
@@ -469,15 +474,26 @@ impl Gateway {
         let reference = request.merchant_reference.clone();
         let strict = request.strict_merchant_reference;
         let prepared = self.prepare(caller.as_deref(), request)?;
-        self.check_reference(&prepared.merchant_id, &reference, strict).await?;
-        self.tokenize_prepared(&prepared, caller.as_deref().unwrap_or_default()).await
+        self.check_reference(&prepared.merchant_id, &reference, strict)
+            .await?;
+        self.tokenize_prepared(&prepared, caller.as_deref().unwrap_or_default())
+            .await
     }
 
     /// Records a merchant reference; a strict one seen for this merchant in the last 24 hours
     /// is refused as a duplicate.
-    async fn check_reference(&self, merchant_id: &str, reference: &str, strict: bool) -> Result<(), ApiError> {
+    async fn check_reference(
+        &self,
+        merchant_id: &str,
+        reference: &str,
+        strict: bool,
+    ) -> Result<(), ApiError> {
         if reference.is_empty() {
-            return if strict { Err(ApiError::missing("merchant_reference")) } else { Ok(()) };
+            return if strict {
+                Err(ApiError::missing("merchant_reference"))
+            } else {
+                Ok(())
+            };
         }
         validate::reference("merchant_reference", reference)?;
         let fresh = self
@@ -514,9 +530,21 @@ impl Gateway {
         }
         validate::merchant_id(merchant_id)?;
         let caller = caller.ok_or_else(|| {
-            ApiError::unauthenticated("CALLER_UNIDENTIFIED", "client certificate carries no URI identity")
+            ApiError::unauthenticated(
+                "CALLER_UNIDENTIFIED",
+                "client certificate carries no URI identity",
+            )
         })?;
-        crate::idempotency::run(&self.store, (merchant_id, caller), key, method, hash, self.clock.now_ms(), work).await
+        crate::idempotency::run(
+            &self.store,
+            (merchant_id, caller),
+            key,
+            method,
+            hash,
+            self.clock.now_ms(),
+            work,
+        )
+        .await
     }
 
     /// Protects a prepared item and stores its token, drawing a new token if the first one
@@ -606,14 +634,31 @@ impl Gateway {
 
     /// Refuses a merchant-initiated use of a card blocked under the stated agreement (or, when
     /// none is stated, under any), with the reason and when the block ends.
-    async fn check_retry_guard(&self, record: &TokenRecord, agreement: &str, now: UnixMillis) -> Result<(), ApiError> {
-        let Some(fingerprint) = &record.fingerprint else { return Ok(()) };
-        let blocks = self.store.active_blocks(&record.merchant_id, fingerprint, now).await.map_err(store_error)?;
-        let Some(block) = blocks.into_iter().find(|block| agreement.is_empty() || block.agreement == agreement) else {
+    async fn check_retry_guard(
+        &self,
+        record: &TokenRecord,
+        agreement: &str,
+        now: UnixMillis,
+    ) -> Result<(), ApiError> {
+        let Some(fingerprint) = &record.fingerprint else {
+            return Ok(());
+        };
+        let blocks = self
+            .store
+            .active_blocks(&record.merchant_id, fingerprint, now)
+            .await
+            .map_err(store_error)?;
+        let Some(block) = blocks
+            .into_iter()
+            .find(|block| agreement.is_empty() || block.agreement == agreement)
+        else {
             return Ok(());
         };
         let (reason, message) = if block.reason == "DO_NOT_RETRY" {
-            ("DO_NOT_RETRY", "the issuer answered do-not-retry for this card; merchant-initiated use is blocked")
+            (
+                "DO_NOT_RETRY",
+                "the issuer answered do-not-retry for this card; merchant-initiated use is blocked",
+            )
         } else {
             ("RETRY_LIMIT", "the scheme's limit of failed attempts for this card is reached; merchant-initiated use is blocked")
         };
@@ -635,8 +680,15 @@ impl Gateway {
         // Reporting an outcome is part of paying with a token.
         let allowed = self
             .policy
-            .authorize(caller.as_deref(), Operation::DetokenizeMerchantInitiated, &request.merchant_id)
-            .or_else(|_| self.policy.authorize(caller.as_deref(), Operation::Detokenize, &request.merchant_id));
+            .authorize(
+                caller.as_deref(),
+                Operation::DetokenizeMerchantInitiated,
+                &request.merchant_id,
+            )
+            .or_else(|_| {
+                self.policy
+                    .authorize(caller.as_deref(), Operation::Detokenize, &request.merchant_id)
+            });
         allowed?;
         let caller = caller.unwrap_or_default();
         validate::token(&request.token)?;
@@ -645,7 +697,13 @@ impl Gateway {
             Ok(AuthorizationOutcome::Declined) => Outcome::Declined,
             Ok(AuthorizationOutcome::DeclinedDoNotRetry) => Outcome::DoNotRetry,
             Ok(AuthorizationOutcome::Unspecified) => return Err(ApiError::missing("outcome")),
-            Err(_) => return Err(ApiError::invalid("outcome", "INVALID_OUTCOME", "outcome is not a known AuthorizationOutcome")),
+            Err(_) => {
+                return Err(ApiError::invalid(
+                    "outcome",
+                    "INVALID_OUTCOME",
+                    "outcome is not a known AuthorizationOutcome",
+                ))
+            }
         };
         if request.acquiring_agreement.is_empty() {
             return Err(ApiError::missing("acquiring_agreement"));
@@ -655,10 +713,17 @@ impl Gateway {
         let record = self.lookup(&request.merchant_id, &request.token).await?;
         check_exists(&record, now)?;
         let fingerprint = record.fingerprint.clone().ok_or_else(|| {
-            precondition("NO_CARD_FINGERPRINT", "this token has no card to count attempts for")
+            precondition(
+                "NO_CARD_FINGERPRINT",
+                "this token has no card to count attempts for",
+            )
         })?;
-        self.check_reference(&request.merchant_id, &request.merchant_reference, request.strict_merchant_reference)
-            .await?;
+        self.check_reference(
+            &request.merchant_id,
+            &request.merchant_reference,
+            request.strict_merchant_reference,
+        )
+        .await?;
         let config = &self.retry_guard;
         let state = self
             .store
@@ -720,7 +785,8 @@ impl Gateway {
         let kind = Kind::parse(&record.kind);
         check_kind(kind, purpose)?;
         if purpose.merchant_initiated() {
-            self.check_retry_guard(&record, &request.acquiring_agreement, now).await?;
+            self.check_retry_guard(&record, &request.acquiring_agreement, now)
+                .await?;
         }
         let (other_cvc_token, other_cvc_vault) = self
             .cvc_token(&request, &record, kind, purpose, now)
@@ -1089,7 +1155,12 @@ fn tokenize_hash(request: &TokenizeRequest) -> Vec<u8> {
     };
     let facts = match &request.data {
         Some(tokenize_request::Data::Card(card)) => {
-            format!("card|{}|{}|{}", edges(&digits(&card.number)), card.expiry_month, card.expiry_year)
+            format!(
+                "card|{}|{}|{}",
+                edges(&digits(&card.number)),
+                card.expiry_month,
+                card.expiry_year
+            )
         }
         Some(tokenize_request::Data::BankAccount(account)) => {
             let iban: String = account.iban.chars().filter(|c| !c.is_whitespace()).collect();
@@ -1106,7 +1177,11 @@ fn tokenize_hash(request: &TokenizeRequest) -> Vec<u8> {
         facts.as_bytes(),
         &request.format.to_be_bytes(),
         request.shopper_reference.as_bytes(),
-        &[u8::from(request.deduplicate), u8::from(request.provisional), u8::from(!request.cvc.is_empty())],
+        &[
+            u8::from(request.deduplicate),
+            u8::from(request.provisional),
+            u8::from(!request.cvc.is_empty()),
+        ],
         &request.kind.to_be_bytes(),
         request.merchant_reference.as_bytes(),
         &[u8::from(request.strict_merchant_reference)],
@@ -1143,7 +1218,18 @@ impl Tokenization for TokenizationService {
         ]);
         let merchant_id = request.merchant_id.clone();
         let work = self.0.report_authorization(caller.clone(), request);
-        reply(self.0.idempotent(caller.as_deref(), &merchant_id, &key, "ReportAuthorization", hash, work).await)
+        reply(
+            self.0
+                .idempotent(
+                    caller.as_deref(),
+                    &merchant_id,
+                    &key,
+                    "ReportAuthorization",
+                    hash,
+                    work,
+                )
+                .await,
+        )
     }
 
     async fn subscribe_events(
@@ -1154,7 +1240,9 @@ impl Tokenization for TokenizationService {
         let request = request.into_inner();
         let start = || -> Result<_, ApiError> {
             validate::merchant_id(&request.merchant_id)?;
-            self.0.policy.authorize(caller.as_deref(), Operation::ReadMetadata, &request.merchant_id)?;
+            self.0
+                .policy
+                .authorize(caller.as_deref(), Operation::ReadMetadata, &request.merchant_id)?;
             crate::events::subscribe(Arc::clone(&self.0), &request)
         };
         reply(start())
@@ -1172,14 +1260,21 @@ impl Tokenization for TokenizationService {
         )))
     }
 
-    async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
+    async fn tokenize(
+        &self,
+        request: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
         let caller = caller(&request);
         let mut request = request.into_inner();
         let key = std::mem::take(&mut request.idempotency_key);
         let hash = tokenize_hash(&request);
         let merchant_id = request.merchant_id.clone();
         let work = self.0.tokenize(caller.clone(), request);
-        reply(self.0.idempotent(caller.as_deref(), &merchant_id, &key, "Tokenize", hash, work).await)
+        reply(
+            self.0
+                .idempotent(caller.as_deref(), &merchant_id, &key, "Tokenize", hash, work)
+                .await,
+        )
     }
 
     async fn get_token(&self, request: Request<GetTokenRequest>) -> Result<Response<Token>, Status> {
@@ -1195,24 +1290,44 @@ impl Tokenization for TokenizationService {
         reply(self.0.detokenize(caller, request.into_inner()).await)
     }
 
-    async fn delete_token(&self, request: Request<DeleteTokenRequest>) -> Result<Response<DeleteTokenResponse>, Status> {
+    async fn delete_token(
+        &self,
+        request: Request<DeleteTokenRequest>,
+    ) -> Result<Response<DeleteTokenResponse>, Status> {
         let caller = caller(&request);
         let mut request = request.into_inner();
         let key = std::mem::take(&mut request.idempotency_key);
-        let hash = request_hash(&[b"DeleteToken", request.merchant_id.as_bytes(), request.token.as_bytes()]);
+        let hash = request_hash(&[
+            b"DeleteToken",
+            request.merchant_id.as_bytes(),
+            request.token.as_bytes(),
+        ]);
         let merchant_id = request.merchant_id.clone();
         let work = self.0.delete_token(caller.clone(), request);
-        reply(self.0.idempotent(caller.as_deref(), &merchant_id, &key, "DeleteToken", hash, work).await)
+        reply(
+            self.0
+                .idempotent(caller.as_deref(), &merchant_id, &key, "DeleteToken", hash, work)
+                .await,
+        )
     }
 
     async fn confirm_token(&self, request: Request<ConfirmTokenRequest>) -> Result<Response<Token>, Status> {
         let caller = caller(&request);
         let mut request = request.into_inner();
         let key = std::mem::take(&mut request.idempotency_key);
-        let hash = request_hash(&[b"ConfirmToken", request.merchant_id.as_bytes(), request.token.as_bytes(), request.payment_reference.as_bytes()]);
+        let hash = request_hash(&[
+            b"ConfirmToken",
+            request.merchant_id.as_bytes(),
+            request.token.as_bytes(),
+            request.payment_reference.as_bytes(),
+        ]);
         let merchant_id = request.merchant_id.clone();
         let work = self.0.confirm_token(caller.clone(), request);
-        reply(self.0.idempotent(caller.as_deref(), &merchant_id, &key, "ConfirmToken", hash, work).await)
+        reply(
+            self.0
+                .idempotent(caller.as_deref(), &merchant_id, &key, "ConfirmToken", hash, work)
+                .await,
+        )
     }
 
     async fn list_tokens(
@@ -1223,14 +1338,33 @@ impl Tokenization for TokenizationService {
         reply(self.0.list_tokens(caller, request.into_inner()).await)
     }
 
-    async fn extend_retention(&self, request: Request<ExtendRetentionRequest>) -> Result<Response<Token>, Status> {
+    async fn extend_retention(
+        &self,
+        request: Request<ExtendRetentionRequest>,
+    ) -> Result<Response<Token>, Status> {
         let caller = caller(&request);
         let mut request = request.into_inner();
         let key = std::mem::take(&mut request.idempotency_key);
-        let hash = request_hash(&[b"ExtendRetention", request.merchant_id.as_bytes(), request.token.as_bytes(), &request.months.to_be_bytes()]);
+        let hash = request_hash(&[
+            b"ExtendRetention",
+            request.merchant_id.as_bytes(),
+            request.token.as_bytes(),
+            &request.months.to_be_bytes(),
+        ]);
         let merchant_id = request.merchant_id.clone();
         let work = self.0.extend_retention(caller.clone(), request);
-        reply(self.0.idempotent(caller.as_deref(), &merchant_id, &key, "ExtendRetention", hash, work).await)
+        reply(
+            self.0
+                .idempotent(
+                    caller.as_deref(),
+                    &merchant_id,
+                    &key,
+                    "ExtendRetention",
+                    hash,
+                    work,
+                )
+                .await,
+        )
     }
 
     async fn get_token_history(

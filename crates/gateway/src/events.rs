@@ -50,13 +50,18 @@ pub fn event_kind(journal_kind: &str) -> Option<&'static str> {
 
 /// Writes the events of these journal entries inside the caller's transaction.
 pub(crate) async fn insert_events(tx: &mut Tx<'_>, journals: &[&Journal]) -> Result<(), StoreError> {
-    let events: Vec<(&Journal, &'static str)> =
-        journals.iter().filter_map(|journal| event_kind(journal.kind).map(|kind| (*journal, kind))).collect();
+    let events: Vec<(&Journal, &'static str)> = journals
+        .iter()
+        .filter_map(|journal| event_kind(journal.kind).map(|kind| (*journal, kind)))
+        .collect();
     if events.is_empty() {
         return Ok(());
     }
     if (**tx).backend_name() == "PostgreSQL" {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(EVENT_LOCK_KEY).execute(&mut **tx).await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(EVENT_LOCK_KEY)
+            .execute(&mut **tx)
+            .await?;
     }
     let next: i64 = sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 AS next FROM events")
         .fetch_one(&mut **tx)
@@ -67,11 +72,20 @@ pub(crate) async fn insert_events(tx: &mut Tx<'_>, journals: &[&Journal]) -> Res
         let placeholders = (0..chunk.len())
             .map(|row| {
                 let n = row * 6;
-                format!("(${}, ${}, ${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4, n + 5, n + 6)
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${})",
+                    n + 1,
+                    n + 2,
+                    n + 3,
+                    n + 4,
+                    n + 5,
+                    n + 6
+                )
             })
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = format!("INSERT INTO events (seq, merchant_id, token, kind, at, detail) VALUES {placeholders}");
+        let sql =
+            format!("INSERT INTO events (seq, merchant_id, token, kind, at, detail) VALUES {placeholders}");
         let mut query = sqlx::query(&sql);
         let offset = chunk_index * ROWS;
         for (index, (journal, kind)) in chunk.iter().enumerate() {
@@ -102,7 +116,12 @@ pub struct EventRow {
 
 impl Store {
     /// A merchant's events after `after`, oldest first.
-    pub async fn events_after(&self, merchant_id: &str, after: i64, limit: i64) -> Result<Vec<EventRow>, StoreError> {
+    pub async fn events_after(
+        &self,
+        merchant_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, merchant_id, token, kind, at, detail FROM events WHERE merchant_id = $1 AND seq > $2 \
              ORDER BY seq LIMIT $3",
@@ -129,7 +148,8 @@ impl Store {
 }
 
 fn event_message(row: EventRow) -> TokenEvent {
-    let kind = EventType::from_str_name(&format!("EVENT_TYPE_{}", row.kind)).unwrap_or(EventType::Unspecified);
+    let kind =
+        EventType::from_str_name(&format!("EVENT_TYPE_{}", row.kind)).unwrap_or(EventType::Unspecified);
     TokenEvent {
         sequence: u64::try_from(row.seq).unwrap_or(0),
         r#type: kind as i32,
@@ -152,15 +172,22 @@ pub type EventStream = ReceiverStream<Result<TokenEvent, Status>>;
 pub fn subscribe(gateway: Arc<Gateway>, request: &SubscribeEventsRequest) -> Result<EventStream, ApiError> {
     let (events, stream) = mpsc::channel(64);
     let merchant_id = request.merchant_id.clone();
-    let mut after = i64::try_from(request.after_sequence)
-        .map_err(|_| ApiError::invalid("after_sequence", "INVALID_SEQUENCE", "after_sequence is out of range"))?;
+    let mut after = i64::try_from(request.after_sequence).map_err(|_| {
+        ApiError::invalid(
+            "after_sequence",
+            "INVALID_SEQUENCE",
+            "after_sequence is out of range",
+        )
+    })?;
     tokio::spawn(async move {
         loop {
             let page = match gateway.store.events_after(&merchant_id, after, PAGE).await {
                 Ok(page) => page,
                 Err(err) => {
                     tracing::warn!(error = %err, "reading events failed");
-                    let _ = events.send(Err(Status::unavailable("storage is unavailable; resubscribe"))).await;
+                    let _ = events
+                        .send(Err(Status::unavailable("storage is unavailable; resubscribe")))
+                        .await;
                     return;
                 }
             };

@@ -274,7 +274,9 @@ async fn run(pool: &AnyPool, ops: &[&WriteOp]) -> Result<Vec<WriteReply>, StoreE
                     WriteReply::Record(None)
                 }
             }
-            WriteOp::ReportAuthorization(report) => WriteReply::Reported(crate::retry_guard::apply(&mut tx, report).await?),
+            WriteOp::ReportAuthorization(report) => {
+                WriteReply::Reported(crate::retry_guard::apply(&mut tx, report).await?)
+            }
             WriteOp::RecordUse {
                 journal,
                 consume,
@@ -327,9 +329,9 @@ async fn run(pool: &AnyPool, ops: &[&WriteOp]) -> Result<Vec<WriteReply>, StoreE
 /// The token row an op updates first, for a consistent lock order.
 fn row_key(op: &WriteOp) -> (&str, &str) {
     match op {
-        WriteOp::Transition { journal, .. } | WriteOp::RecordUse { journal, .. } | WriteOp::Extend { journal, .. } => {
-            (journal.merchant_id.as_str(), journal.token.as_str())
-        }
+        WriteOp::Transition { journal, .. }
+        | WriteOp::RecordUse { journal, .. }
+        | WriteOp::Extend { journal, .. } => (journal.merchant_id.as_str(), journal.token.as_str()),
         WriteOp::ReportAuthorization(report) => (report.merchant_id.as_str(), report.token.as_str()),
         WriteOp::InsertKeys { .. } | WriteOp::InsertToken { .. } | WriteOp::InsertTokens { .. } => ("", ""),
     }
@@ -469,12 +471,14 @@ async fn record_use(
     let still_active = used == 1
         || (!consume
             && retain_until.is_none()
-            && sqlx::query("SELECT 1 AS one FROM tokens WHERE merchant_id = $1 AND token = $2 AND status = 'active'")
-                .bind(&journal.merchant_id)
-                .bind(&journal.token)
-                .fetch_optional(&mut *savepoint)
-                .await?
-                .is_some());
+            && sqlx::query(
+                "SELECT 1 AS one FROM tokens WHERE merchant_id = $1 AND token = $2 AND status = 'active'",
+            )
+            .bind(&journal.merchant_id)
+            .bind(&journal.token)
+            .fetch_optional(&mut *savepoint)
+            .await?
+            .is_some());
     if !still_active {
         savepoint.rollback().await?;
         return Ok(false);

@@ -149,13 +149,22 @@ impl Store {
     }
 
     /// Stores the first answer, or releases the key when the request failed.
-    pub async fn finish_idempotent(&self, claim: &Claim, response: Option<Vec<u8>>) -> Result<(), StoreError> {
+    pub async fn finish_idempotent(
+        &self,
+        claim: &Claim,
+        response: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
         let query = match &response {
-            Some(_) => "UPDATE idempotency_keys SET state = 'done', response = $4 \
-                        WHERE merchant_id = $1 AND caller = $2 AND key = $3",
+            Some(_) => {
+                "UPDATE idempotency_keys SET state = 'done', response = $4 \
+                        WHERE merchant_id = $1 AND caller = $2 AND key = $3"
+            }
             None => "DELETE FROM idempotency_keys WHERE merchant_id = $1 AND caller = $2 AND key = $3",
         };
-        let mut statement = sqlx::query(query).bind(&claim.merchant_id).bind(&claim.caller).bind(&claim.key);
+        let mut statement = sqlx::query(query)
+            .bind(&claim.merchant_id)
+            .bind(&claim.caller)
+            .bind(&claim.key);
         if let Some(response) = response {
             statement = statement.bind(response);
         }
@@ -165,7 +174,12 @@ impl Store {
 
     /// Records a merchant reference; `false` when it was already seen for this merchant in the
     /// last 24 hours.
-    pub async fn see_merchant_reference(&self, merchant_id: &str, reference: &str, now: UnixMillis) -> Result<bool, StoreError> {
+    pub async fn see_merchant_reference(
+        &self,
+        merchant_id: &str,
+        reference: &str,
+        now: UnixMillis,
+    ) -> Result<bool, StoreError> {
         let fresh = sqlx::query(
             "INSERT INTO merchant_references (merchant_id, reference, seen_at) VALUES ($1, $2, $3) \
              ON CONFLICT (merchant_id, reference) DO UPDATE SET seen_at = excluded.seen_at \
@@ -206,9 +220,13 @@ where
     }
     validate_key(key)?;
     let (merchant_id, caller) = scope;
-    match store.begin_idempotent(merchant_id, caller, key, method, &hash, now).await? {
-        Begin::Replay(bytes) => T::decode(bytes.as_slice())
-            .map_err(|_| ApiError::internal("IDEMPOTENCY_REPLAY_FAILED", "the stored answer could not be read")),
+    match store
+        .begin_idempotent(merchant_id, caller, key, method, &hash, now)
+        .await?
+    {
+        Begin::Replay(bytes) => T::decode(bytes.as_slice()).map_err(|_| {
+            ApiError::internal("IDEMPOTENCY_REPLAY_FAILED", "the stored answer could not be read")
+        }),
         Begin::Run(claim) => {
             let result = work.await;
             let stored = result.as_ref().ok().map(Message::encode_to_vec);

@@ -22,6 +22,6 @@ pub mod server;
 pub mod store;
 pub mod sweeper;
 pub mod validate;
-pub mod vault_client;
 mod vault_batcher;
+pub mod vault_client;
 mod vault_pool;

@@ -36,8 +36,14 @@ pub struct RetryGuardConfig {
 impl Default for RetryGuardConfig {
     fn default() -> Self {
         Self {
-            mastercard: RetryRule { limit: 10, window_hours: 24 },
-            visa: RetryRule { limit: 15, window_hours: 30 * 24 },
+            mastercard: RetryRule {
+                limit: 10,
+                window_hours: 24,
+            },
+            visa: RetryRule {
+                limit: 15,
+                window_hours: 30 * 24,
+            },
             do_not_retry_block_hours: 30 * 24,
         }
     }
@@ -132,7 +138,11 @@ pub(crate) async fn apply(tx: &mut Tx<'_>, report: &Report) -> Result<ReportStat
     .await?;
     crate::store::insert_journal(
         tx,
-        &journal(report, "AUTH", format!("{} agreement={}", report.outcome.as_str(), report.agreement)),
+        &journal(
+            report,
+            "AUTH",
+            format!("{} agreement={}", report.outcome.as_str(), report.agreement),
+        ),
     )
     .await?;
 
@@ -141,21 +151,48 @@ pub(crate) async fn apply(tx: &mut Tx<'_>, report: &Report) -> Result<ReportStat
     match report.outcome {
         Outcome::Approved => {
             // An approval resets the count, and lifts a block that the count caused.
-            if existing.as_ref().is_some_and(|block| block.reason == "RETRY_LIMIT") {
+            if existing
+                .as_ref()
+                .is_some_and(|block| block.reason == "RETRY_LIMIT")
+            {
                 delete_block(tx, report).await?;
-                crate::store::insert_journal(tx, &journal(report, "UNBLOCK", format!("APPROVED agreement={}", report.agreement)))
-                    .await?;
+                crate::store::insert_journal(
+                    tx,
+                    &journal(
+                        report,
+                        "UNBLOCK",
+                        format!("APPROVED agreement={}", report.agreement),
+                    ),
+                )
+                .await?;
             }
-            Ok(ReportState { failed_attempts: 0, limit, block: existing.filter(|block| block.reason != "RETRY_LIMIT") })
+            Ok(ReportState {
+                failed_attempts: 0,
+                limit,
+                block: existing.filter(|block| block.reason != "RETRY_LIMIT"),
+            })
         }
         Outcome::DoNotRetry => {
             let until = report.at + report.do_not_retry_ms;
-            let block = Block { agreement: report.agreement.clone(), reason: "DO_NOT_RETRY".into(), until };
-            let stronger = existing.as_ref().is_some_and(|old| old.reason == "DO_NOT_RETRY" && old.until >= until);
+            let block = Block {
+                agreement: report.agreement.clone(),
+                reason: "DO_NOT_RETRY".into(),
+                until,
+            };
+            let stronger = existing
+                .as_ref()
+                .is_some_and(|old| old.reason == "DO_NOT_RETRY" && old.until >= until);
             if !stronger {
                 set_block(tx, report, &block).await?;
-                crate::store::insert_journal(tx, &journal(report, "BLOCK", format!("DO_NOT_RETRY agreement={}", report.agreement)))
-                    .await?;
+                crate::store::insert_journal(
+                    tx,
+                    &journal(
+                        report,
+                        "BLOCK",
+                        format!("DO_NOT_RETRY agreement={}", report.agreement),
+                    ),
+                )
+                .await?;
             }
             let failed = failures(tx, report).await?.len();
             Ok(ReportState {
@@ -168,27 +205,53 @@ pub(crate) async fn apply(tx: &mut Tx<'_>, report: &Report) -> Result<ReportStat
             let failed = failures(tx, report).await?;
             let count = u32::try_from(failed.len()).unwrap_or(u32::MAX);
             let Some(rule) = report.rule else {
-                return Ok(ReportState { failed_attempts: count, limit, block: existing });
+                return Ok(ReportState {
+                    failed_attempts: count,
+                    limit,
+                    block: existing,
+                });
             };
             if count < rule.limit {
-                return Ok(ReportState { failed_attempts: count, limit, block: existing });
+                return Ok(ReportState {
+                    failed_attempts: count,
+                    limit,
+                    block: existing,
+                });
             }
             // Blocked until enough failures leave the sliding window for the count to drop
             // below the limit again.
-            let index = failed.len().saturating_sub(usize::try_from(rule.limit).unwrap_or(usize::MAX));
+            let index = failed
+                .len()
+                .saturating_sub(usize::try_from(rule.limit).unwrap_or(usize::MAX));
             let oldest_counted = failed.get(index).copied().unwrap_or(report.at);
             let until = oldest_counted + i64::from(rule.window_hours) * HOUR_MS;
-            let block = Block { agreement: report.agreement.clone(), reason: "RETRY_LIMIT".into(), until };
+            let block = Block {
+                agreement: report.agreement.clone(),
+                reason: "RETRY_LIMIT".into(),
+                until,
+            };
             match existing {
-                Some(old) if old.until >= until => Ok(ReportState { failed_attempts: count, limit, block: Some(old) }),
+                Some(old) if old.until >= until => Ok(ReportState {
+                    failed_attempts: count,
+                    limit,
+                    block: Some(old),
+                }),
                 _ => {
                     set_block(tx, report, &block).await?;
                     crate::store::insert_journal(
                         tx,
-                        &journal(report, "BLOCK", format!("RETRY_LIMIT agreement={} attempts={count}", report.agreement)),
+                        &journal(
+                            report,
+                            "BLOCK",
+                            format!("RETRY_LIMIT agreement={} attempts={count}", report.agreement),
+                        ),
                     )
                     .await?;
-                    Ok(ReportState { failed_attempts: count, limit, block: Some(block) })
+                    Ok(ReportState {
+                        failed_attempts: count,
+                        limit,
+                        block: Some(block),
+                    })
                 }
             }
         }
@@ -197,7 +260,9 @@ pub(crate) async fn apply(tx: &mut Tx<'_>, report: &Report) -> Result<ReportStat
 
 /// Times of the failed attempts that count now: inside the window and after the last approval.
 async fn failures(tx: &mut Tx<'_>, report: &Report) -> Result<Vec<UnixMillis>, StoreError> {
-    let window_start = report.rule.map_or(report.at, |rule| report.at - i64::from(rule.window_hours) * HOUR_MS);
+    let window_start = report.rule.map_or(report.at, |rule| {
+        report.at - i64::from(rule.window_hours) * HOUR_MS
+    });
     let rows = sqlx::query(
         "SELECT at FROM authorization_attempts WHERE merchant_id = $1 AND agreement = $2 AND fingerprint = $3 \
          AND outcome IN ('declined', 'do_not_retry') AND at > $4 \
@@ -211,7 +276,10 @@ async fn failures(tx: &mut Tx<'_>, report: &Report) -> Result<Vec<UnixMillis>, S
     .bind(window_start)
     .fetch_all(&mut **tx)
     .await?;
-    rows.iter().map(|row| row.try_get("at")).collect::<Result<_, sqlx::Error>>().map_err(StoreError::from)
+    rows.iter()
+        .map(|row| row.try_get("at"))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(StoreError::from)
 }
 
 async fn block_of(tx: &mut Tx<'_>, report: &Report) -> Result<Option<Block>, StoreError> {
@@ -225,9 +293,15 @@ async fn block_of(tx: &mut Tx<'_>, report: &Report) -> Result<Option<Block>, Sto
     .bind(report.at)
     .fetch_optional(&mut **tx)
     .await?;
-    row.map(|row| Ok(Block { agreement: row.try_get("agreement")?, reason: row.try_get("reason")?, until: row.try_get("blocked_until")? }))
-        .transpose()
-        .map_err(|err: sqlx::Error| StoreError::from(err))
+    row.map(|row| {
+        Ok(Block {
+            agreement: row.try_get("agreement")?,
+            reason: row.try_get("reason")?,
+            until: row.try_get("blocked_until")?,
+        })
+    })
+    .transpose()
+    .map_err(|err: sqlx::Error| StoreError::from(err))
 }
 
 async fn set_block(tx: &mut Tx<'_>, report: &Report, block: &Block) -> Result<(), StoreError> {
@@ -259,7 +333,12 @@ async fn delete_block(tx: &mut Tx<'_>, report: &Report) -> Result<(), StoreError
 
 impl Store {
     /// The blocks in force on a card (all agreements), latest end first.
-    pub async fn active_blocks(&self, merchant_id: &str, fingerprint: &[u8], now: UnixMillis) -> Result<Vec<Block>, StoreError> {
+    pub async fn active_blocks(
+        &self,
+        merchant_id: &str,
+        fingerprint: &[u8],
+        now: UnixMillis,
+    ) -> Result<Vec<Block>, StoreError> {
         let rows = sqlx::query(
             "SELECT agreement, reason, blocked_until FROM card_blocks WHERE merchant_id = $1 AND fingerprint = $2 \
              AND blocked_until > $3 ORDER BY blocked_until DESC",
@@ -270,7 +349,13 @@ impl Store {
         .fetch_all(self.pool())
         .await?;
         rows.iter()
-            .map(|row| Ok(Block { agreement: row.try_get("agreement")?, reason: row.try_get("reason")?, until: row.try_get("blocked_until")? }))
+            .map(|row| {
+                Ok(Block {
+                    agreement: row.try_get("agreement")?,
+                    reason: row.try_get("reason")?,
+                    until: row.try_get("blocked_until")?,
+                })
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(StoreError::from)
     }

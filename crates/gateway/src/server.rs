@@ -18,8 +18,8 @@ use crate::config::GatewayConfig;
 use crate::floor::FloorService;
 use crate::keyring::KeyRing;
 use crate::policy::Policy;
-use crate::store::Store;
 use crate::reencrypt;
+use crate::store::Store;
 use crate::sweeper;
 use crate::vault_client::VaultClient;
 

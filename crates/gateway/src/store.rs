@@ -295,7 +295,11 @@ impl Store {
         &self,
         report: crate::retry_guard::Report,
     ) -> Result<crate::retry_guard::ReportState, StoreError> {
-        match self.writer.write(WriteOp::ReportAuthorization(Box::new(report))).await? {
+        match self
+            .writer
+            .write(WriteOp::ReportAuthorization(Box::new(report)))
+            .await?
+        {
             WriteReply::Reported(state) => Ok(state),
             _ => Err(StoreError::Query("unexpected reply".into())),
         }
@@ -374,7 +378,10 @@ impl Store {
     /// Inserts a token record and its journal entry, committed with whatever else is being
     /// written at the moment. `Duplicate` when the token already exists.
     pub async fn insert_token(&self, record: &TokenRecord, journal: &Journal) -> Result<(), StoreError> {
-        let op = WriteOp::InsertToken { record: Box::new(record.clone()), journal: journal.clone() };
+        let op = WriteOp::InsertToken {
+            record: Box::new(record.clone()),
+            journal: journal.clone(),
+        };
         match self.writer.write(op).await? {
             WriteReply::Inserted(true) => Ok(()),
             _ => Err(StoreError::Duplicate),

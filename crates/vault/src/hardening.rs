@@ -4,7 +4,6 @@
 use rustix::mm::{mlockall, MlockAllFlags};
 use rustix::process::{getrlimit, set_dumpable_behavior, setrlimit, DumpableBehavior, Resource, Rlimit};
 
-
 /// What hardening achieved.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HardeningReport {

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use tessera_api::data_checks::cvc_valid;
 use tessera_api::vault::{
-    protect_result, reencrypt_result, reveal_result, rewrap_result, CreateKeysRequest, CreateKeysResponse, DataFacts, EchoRequest,
-    EchoResponse, InitRequest, InitResponse, ItemError, KeyPurpose as ProtoPurpose, ProtectItem,
-    ProtectRequest, ProtectResponse, ProtectResult, Protected, RevealItem, RevealRequest, RevealResponse,
-    ReencryptItem, ReencryptRequest, ReencryptResponse, ReencryptResult, Reencrypted, RevealResult, Revealed,
-    RewrapKeysRequest, RewrapKeysResponse, RewrapResult, SealResponse, StatusResponse, TokenFormat, UnsealRequest, UnsealResponse,
-    WrappedKey,
+    protect_result, reencrypt_result, reveal_result, rewrap_result, CreateKeysRequest, CreateKeysResponse,
+    DataFacts, EchoRequest, EchoResponse, InitRequest, InitResponse, ItemError, KeyPurpose as ProtoPurpose,
+    ProtectItem, ProtectRequest, ProtectResponse, ProtectResult, Protected, ReencryptItem, ReencryptRequest,
+    ReencryptResponse, ReencryptResult, Reencrypted, RevealItem, RevealRequest, RevealResponse, RevealResult,
+    Revealed, RewrapKeysRequest, RewrapKeysResponse, RewrapResult, SealResponse, StatusResponse, TokenFormat,
+    UnsealRequest, UnsealResponse, WrappedKey,
 };
 use zeroize::Zeroizing;
 
@@ -430,7 +430,11 @@ impl Vault {
         let data_key = create(KeyPurpose::Data, ProtoPurpose::Data, request.data_key_version)?;
         let fingerprint_key = match request.fingerprint_key_version {
             0 => None,
-            version => Some(create(KeyPurpose::Fingerprint, ProtoPurpose::Fingerprint, version)?),
+            version => Some(create(
+                KeyPurpose::Fingerprint,
+                ProtoPurpose::Fingerprint,
+                version,
+            )?),
         };
         let mut batch = self.audit.batch(caller);
         batch.record(
@@ -674,11 +678,7 @@ impl Vault {
                 ))
                 .ok_or_else(|| missing_key("data"))?;
             let data_key = self
-                .data_key(
-                    unsealed,
-                    &key_id(wrapped, KeyPurpose::Data),
-                    &wrapped.blob,
-                )
+                .data_key(unsealed, &key_id(wrapped, KeyPurpose::Data), &wrapped.blob)
                 .map_err(|err| ItemError::from(&err))?;
             let aad = RecordAad {
                 merchant_id: &item.merchant_id,
@@ -721,7 +721,11 @@ impl Vault {
 
     /// Key rotation: opens each record under its old data key and seals it under the new one.
     /// One audit record per item names merchant, token and both versions.
-    pub fn reencrypt(&self, caller: &str, request: &ReencryptRequest) -> Result<ReencryptResponse, VaultError> {
+    pub fn reencrypt(
+        &self,
+        caller: &str,
+        request: &ReencryptRequest,
+    ) -> Result<ReencryptResponse, VaultError> {
         check_batch(request.items.len())?;
         let unsealed = self.ready()?;
         let keys = index_keys(&request.keys);
@@ -805,7 +809,11 @@ impl Vault {
 
     /// KEK rotation: unwraps each key with any master key held (current first) and wraps it
     /// with the current one. One audit record per key names it and both master key check values.
-    pub fn rewrap_keys(&self, caller: &str, request: &RewrapKeysRequest) -> Result<RewrapKeysResponse, VaultError> {
+    pub fn rewrap_keys(
+        &self,
+        caller: &str,
+        request: &RewrapKeysRequest,
+    ) -> Result<RewrapKeysResponse, VaultError> {
         check_batch(request.keys.len())?;
         let unsealed = self.ready()?;
         let current = unsealed.master.key_check_value();
@@ -849,7 +857,11 @@ impl Vault {
         })
     }
 
-    fn rewrap_key(&self, unsealed: &Unsealed, wrapped: &WrappedKey) -> Result<(WrappedKey, String), ItemError> {
+    fn rewrap_key(
+        &self,
+        unsealed: &Unsealed,
+        wrapped: &WrappedKey,
+    ) -> Result<(WrappedKey, String), ItemError> {
         let purpose = match ProtoPurpose::try_from(wrapped.purpose) {
             Ok(ProtoPurpose::Data) => KeyPurpose::Data,
             Ok(ProtoPurpose::Fingerprint) => KeyPurpose::Fingerprint,
