@@ -7,7 +7,7 @@
 //! - [`cvc`]: CVCs held in memory only, for a limited time, returned at most once.
 //! - [`record`]: AES-256-GCM record sealing bound to merchant, token and key version.
 //! - [`token`]: opaque and format-preserving token generation.
-//! - [`master_key`]: where the master key comes from (development file).
+//! - [`kek_source`]: where the master key comes from (development file).
 //! - [`sealing`]: sealed start: the master key split into Shamir shares, rebuilt at unseal.
 //! - [`audit`]: the hash-chained, block-signed audit log of every card-data and key operation.
 //! - [`hardening`]: no core dumps, no ptrace, locked memory.
@@ -22,8 +22,8 @@ pub mod config;
 pub mod cvc;
 pub mod grpc;
 pub mod hardening;
+pub mod kek_source;
 pub mod keys;
-pub mod master_key;
 pub mod payload;
 pub mod record;
 pub mod sealing;

@@ -8,7 +8,7 @@ use clap::Parser;
 use tessera_vault::audit::AuditLog;
 use tessera_vault::config::{MasterKeyConfig, Mode, VaultConfig};
 use tessera_vault::hardening::{harden_process, is_debug_build};
-use tessera_vault::master_key::{DevelopmentKeyFile, MasterKeySource};
+use tessera_vault::kek_source::{DevelopmentKeyFile, MasterKeySource};
 use tessera_vault::sealing::SealedStart;
 use tessera_vault::service::{KeySource, Vault, VaultFacts, VaultLimits};
 use tessera_vault::{grpc, tls};
