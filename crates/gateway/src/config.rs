@@ -84,7 +84,8 @@ pub struct ServerTls {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaultConnection {
-    /// `https://host:port` of each vault; calls are spread over all of them.
+    /// `https://host:port` of each vault (all with the same master key); calls are batched and
+    /// spread over those in rotation (crate::vault_client).
     pub endpoints: Vec<String>,
     /// The DNS name the vault's certificate carries.
     pub server_name: String,

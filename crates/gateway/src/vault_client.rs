@@ -159,33 +159,12 @@ impl VaultClient {
             data_key_version: version,
             fingerprint_key_version: version,
         };
-        let mut attempts = 0;
-        let response = loop {
-            let index = self.pool.route().await?;
-            let Some(endpoint) = self.pool.endpoint(index) else {
-                return Err(self.pool.down_error());
-            };
-            attempts += 1;
-            match endpoint.client().create_keys(request.clone()).await {
-                Ok(response) => {
-                    self.pool.mark_ok(index);
-                    break response.into_inner();
-                }
-                Err(status) => match CallFailure::of(&status) {
-                    CallFailure::Transport => {
-                        self.pool.mark_down(index, false);
-                        if attempts >= self.pool.len() {
-                            return Err(vault_call_error(&status));
-                        }
-                    }
-                    CallFailure::Refused { sealed } => {
-                        self.pool.mark_down(index, sealed);
-                        return Err(vault_call_error(&status));
-                    }
-                    CallFailure::Answered => return Err(vault_call_error(&status)),
-                },
-            }
-        };
+        let response = self
+            .unary_with_failover(|mut client| {
+                let request = request.clone();
+                async move { client.create_keys(request).await }
+            })
+            .await?;
         match (response.data_key, response.fingerprint_key) {
             (Some(data), Some(fingerprint)) => Ok((data, fingerprint)),
             _ => Err(ApiError::internal("VAULT_ERROR", "the vault returned no keys")),
@@ -345,8 +324,8 @@ impl VaultClient {
     }
 
     /// One unary call on a vault in rotation, tried on the next one when a vault cannot be
-    /// reached (as [`Self::create_keys`] does): safe for calls whose answer is stored only
-    /// after it arrives.
+    /// reached: safe for calls whose answer is stored only after it arrives (key creation,
+    /// re-encryption, re-wrapping).
     async fn unary_with_failover<T, F, Fut>(&self, call: F) -> Result<T, ApiError>
     where
         F: Fn(GeneratedClient<Channel>) -> Fut,
