@@ -1142,50 +1142,137 @@ impl Gateway {
     }
 }
 
-/// The idempotency hash of a tokenize: every field but the secret data, which is represented
-/// by the facts PCI DSS allows to be kept (first six, last four, length, expiry), so no card
-/// number is ever hashed in the clear.
-fn tokenize_hash(request: &TokenizeRequest) -> Vec<u8> {
-    let digits = |text: &str| text.chars().filter(char::is_ascii_digit).collect::<String>();
-    let edges = |text: &str| {
-        let chars: Vec<char> = text.chars().collect();
-        let head: String = chars.iter().take(6).collect();
-        let tail: String = chars.iter().skip(chars.len().saturating_sub(4)).collect();
-        format!("{head}|{tail}|{}", chars.len())
+/// A mutating request that may carry an idempotency key: its method name, its merchant, and
+/// a hash of its non-secret fields that tells a repeat from a different request.
+trait IdempotentRequest: Send + 'static {
+    const METHOD: &'static str;
+    fn take_key(&mut self) -> String;
+    fn merchant_id(&self) -> &str;
+    fn hash(&self) -> Vec<u8>;
+}
+
+impl IdempotentRequest for TokenizeRequest {
+    const METHOD: &'static str = "Tokenize";
+
+    fn take_key(&mut self) -> String {
+        std::mem::take(&mut self.idempotency_key)
+    }
+
+    fn merchant_id(&self) -> &str {
+        &self.merchant_id
+    }
+
+    /// Every field but the secret data, which is represented by the facts PCI DSS allows to
+    /// be kept (first six, last four, length, expiry), so no card number is ever hashed in the
+    /// clear.
+    fn hash(&self) -> Vec<u8> {
+        let digits = |text: &str| text.chars().filter(char::is_ascii_digit).collect::<String>();
+        let edges = |text: &str| {
+            let chars: Vec<char> = text.chars().collect();
+            let head: String = chars.iter().take(6).collect();
+            let tail: String = chars.iter().skip(chars.len().saturating_sub(4)).collect();
+            format!("{head}|{tail}|{}", chars.len())
+        };
+        let facts = match &self.data {
+            Some(tokenize_request::Data::Card(card)) => {
+                format!(
+                    "card|{}|{}|{}",
+                    edges(&digits(&card.number)),
+                    card.expiry_month,
+                    card.expiry_year
+                )
+            }
+            Some(tokenize_request::Data::BankAccount(account)) => {
+                let iban: String = account.iban.chars().filter(|c| !c.is_whitespace()).collect();
+                format!("bank|{}|{}", edges(&iban), account.bic)
+            }
+            Some(tokenize_request::Data::Contact(contact)) => {
+                format!("contact|{}|{}", edges(&contact.email), edges(&contact.phone))
+            }
+            None => "none".to_owned(),
+        };
+        request_hash(&[
+            Self::METHOD.as_bytes(),
+            self.merchant_id.as_bytes(),
+            facts.as_bytes(),
+            &self.format.to_be_bytes(),
+            self.shopper_reference.as_bytes(),
+            &[
+                u8::from(self.deduplicate),
+                u8::from(self.provisional),
+                u8::from(!self.cvc.is_empty()),
+            ],
+            &self.kind.to_be_bytes(),
+            self.merchant_reference.as_bytes(),
+            &[u8::from(self.strict_merchant_reference)],
+        ])
+    }
+}
+
+/// Implements [`IdempotentRequest`] for a request whose hash covers the listed fields.
+macro_rules! idempotent_request {
+    ($type:ty, $method:literal, |$request:ident| [$($part:expr),* $(,)?]) => {
+        impl IdempotentRequest for $type {
+            const METHOD: &'static str = $method;
+
+            fn take_key(&mut self) -> String {
+                std::mem::take(&mut self.idempotency_key)
+            }
+
+            fn merchant_id(&self) -> &str {
+                &self.merchant_id
+            }
+
+            fn hash(&self) -> Vec<u8> {
+                let $request = self;
+                request_hash(&[Self::METHOD.as_bytes(), $request.merchant_id.as_bytes(), $($part),*])
+            }
+        }
     };
-    let facts = match &request.data {
-        Some(tokenize_request::Data::Card(card)) => {
-            format!(
-                "card|{}|{}|{}",
-                edges(&digits(&card.number)),
-                card.expiry_month,
-                card.expiry_year
-            )
-        }
-        Some(tokenize_request::Data::BankAccount(account)) => {
-            let iban: String = account.iban.chars().filter(|c| !c.is_whitespace()).collect();
-            format!("bank|{}|{}", edges(&iban), account.bic)
-        }
-        Some(tokenize_request::Data::Contact(contact)) => {
-            format!("contact|{}|{}", edges(&contact.email), edges(&contact.phone))
-        }
-        None => "none".to_owned(),
-    };
-    request_hash(&[
-        b"Tokenize",
-        request.merchant_id.as_bytes(),
-        facts.as_bytes(),
-        &request.format.to_be_bytes(),
-        request.shopper_reference.as_bytes(),
-        &[
-            u8::from(request.deduplicate),
-            u8::from(request.provisional),
-            u8::from(!request.cvc.is_empty()),
-        ],
-        &request.kind.to_be_bytes(),
-        request.merchant_reference.as_bytes(),
-        &[u8::from(request.strict_merchant_reference)],
-    ])
+}
+
+idempotent_request!(DeleteTokenRequest, "DeleteToken", |r| [r.token.as_bytes()]);
+idempotent_request!(ConfirmTokenRequest, "ConfirmToken", |r| [
+    r.token.as_bytes(),
+    r.payment_reference.as_bytes()
+]);
+idempotent_request!(ExtendRetentionRequest, "ExtendRetention", |r| [
+    r.token.as_bytes(),
+    &r.months.to_be_bytes()
+]);
+idempotent_request!(ReportAuthorizationRequest, "ReportAuthorization", |r| [
+    r.token.as_bytes(),
+    &r.outcome.to_be_bytes(),
+    r.acquiring_agreement.as_bytes(),
+    r.merchant_reference.as_bytes(),
+    &[u8::from(r.strict_merchant_reference)],
+]);
+
+impl TokenizationService {
+    /// Runs `handler` for a mutating request under its idempotency key, if it carries one.
+    async fn idempotent_call<R, T, F, Fut>(
+        &self,
+        request: Request<R>,
+        handler: F,
+    ) -> Result<Response<T>, Status>
+    where
+        R: IdempotentRequest,
+        T: prost::Message + Default,
+        F: FnOnce(Option<String>, R) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        let caller = caller(&request);
+        let mut request = request.into_inner();
+        let key = request.take_key();
+        let hash = request.hash();
+        let merchant_id = request.merchant_id().to_owned();
+        let work = handler(caller.clone(), request);
+        reply(
+            self.0
+                .idempotent(caller.as_deref(), &merchant_id, &key, R::METHOD, hash, work)
+                .await,
+        )
+    }
 }
 
 fn reply<T>(result: Result<T, ApiError>) -> Result<Response<T>, Status> {
@@ -1204,32 +1291,10 @@ impl Tokenization for TokenizationService {
         &self,
         request: Request<ReportAuthorizationRequest>,
     ) -> Result<Response<ReportAuthorizationResponse>, Status> {
-        let caller = caller(&request);
-        let mut request = request.into_inner();
-        let key = std::mem::take(&mut request.idempotency_key);
-        let hash = request_hash(&[
-            b"ReportAuthorization",
-            request.merchant_id.as_bytes(),
-            request.token.as_bytes(),
-            &request.outcome.to_be_bytes(),
-            request.acquiring_agreement.as_bytes(),
-            request.merchant_reference.as_bytes(),
-            &[u8::from(request.strict_merchant_reference)],
-        ]);
-        let merchant_id = request.merchant_id.clone();
-        let work = self.0.report_authorization(caller.clone(), request);
-        reply(
-            self.0
-                .idempotent(
-                    caller.as_deref(),
-                    &merchant_id,
-                    &key,
-                    "ReportAuthorization",
-                    hash,
-                    work,
-                )
-                .await,
-        )
+        self.idempotent_call(request, |caller, request| {
+            self.0.report_authorization(caller, request)
+        })
+        .await
     }
 
     async fn subscribe_events(
@@ -1264,17 +1329,8 @@ impl Tokenization for TokenizationService {
         &self,
         request: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
-        let caller = caller(&request);
-        let mut request = request.into_inner();
-        let key = std::mem::take(&mut request.idempotency_key);
-        let hash = tokenize_hash(&request);
-        let merchant_id = request.merchant_id.clone();
-        let work = self.0.tokenize(caller.clone(), request);
-        reply(
-            self.0
-                .idempotent(caller.as_deref(), &merchant_id, &key, "Tokenize", hash, work)
-                .await,
-        )
+        self.idempotent_call(request, |caller, request| self.0.tokenize(caller, request))
+            .await
     }
 
     async fn get_token(&self, request: Request<GetTokenRequest>) -> Result<Response<Token>, Status> {
@@ -1294,40 +1350,13 @@ impl Tokenization for TokenizationService {
         &self,
         request: Request<DeleteTokenRequest>,
     ) -> Result<Response<DeleteTokenResponse>, Status> {
-        let caller = caller(&request);
-        let mut request = request.into_inner();
-        let key = std::mem::take(&mut request.idempotency_key);
-        let hash = request_hash(&[
-            b"DeleteToken",
-            request.merchant_id.as_bytes(),
-            request.token.as_bytes(),
-        ]);
-        let merchant_id = request.merchant_id.clone();
-        let work = self.0.delete_token(caller.clone(), request);
-        reply(
-            self.0
-                .idempotent(caller.as_deref(), &merchant_id, &key, "DeleteToken", hash, work)
-                .await,
-        )
+        self.idempotent_call(request, |caller, request| self.0.delete_token(caller, request))
+            .await
     }
 
     async fn confirm_token(&self, request: Request<ConfirmTokenRequest>) -> Result<Response<Token>, Status> {
-        let caller = caller(&request);
-        let mut request = request.into_inner();
-        let key = std::mem::take(&mut request.idempotency_key);
-        let hash = request_hash(&[
-            b"ConfirmToken",
-            request.merchant_id.as_bytes(),
-            request.token.as_bytes(),
-            request.payment_reference.as_bytes(),
-        ]);
-        let merchant_id = request.merchant_id.clone();
-        let work = self.0.confirm_token(caller.clone(), request);
-        reply(
-            self.0
-                .idempotent(caller.as_deref(), &merchant_id, &key, "ConfirmToken", hash, work)
-                .await,
-        )
+        self.idempotent_call(request, |caller, request| self.0.confirm_token(caller, request))
+            .await
     }
 
     async fn list_tokens(
@@ -1342,29 +1371,10 @@ impl Tokenization for TokenizationService {
         &self,
         request: Request<ExtendRetentionRequest>,
     ) -> Result<Response<Token>, Status> {
-        let caller = caller(&request);
-        let mut request = request.into_inner();
-        let key = std::mem::take(&mut request.idempotency_key);
-        let hash = request_hash(&[
-            b"ExtendRetention",
-            request.merchant_id.as_bytes(),
-            request.token.as_bytes(),
-            &request.months.to_be_bytes(),
-        ]);
-        let merchant_id = request.merchant_id.clone();
-        let work = self.0.extend_retention(caller.clone(), request);
-        reply(
-            self.0
-                .idempotent(
-                    caller.as_deref(),
-                    &merchant_id,
-                    &key,
-                    "ExtendRetention",
-                    hash,
-                    work,
-                )
-                .await,
-        )
+        self.idempotent_call(request, |caller, request| {
+            self.0.extend_retention(caller, request)
+        })
+        .await
     }
 
     async fn get_token_history(
