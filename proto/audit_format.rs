@@ -142,33 +142,7 @@ pub fn decode_value(value: &str) -> Option<String> {
 
 /// `2026-11-21T22:06:01.123Z` for milliseconds since the Unix epoch (UTC, proleptic Gregorian).
 pub fn rfc3339_millis(unix_millis: u64) -> String {
-    let seconds = unix_millis / 1000;
-    let (year, month, day) = civil_from_days(seconds / 86_400);
-    let in_day = seconds % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        in_day / 3600,
-        in_day / 60 % 60,
-        in_day % 60,
-        unix_millis % 1000
-    )
-}
-
-/// Howard Hinnant's `civil_from_days` for days on or after 1970-01-01.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_from_march = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-    let month = if month_from_march < 10 {
-        month_from_march + 3
-    } else {
-        month_from_march - 9
-    };
-    (year_of_era + era * 400 + u64::from(month <= 2), month, day)
+    crate::calendar::rfc3339_millis(i64::try_from(unix_millis).unwrap_or(i64::MAX))
 }
 
 /// The bytes a block seal signs: [`SEAL_LABEL`] and the seal line up to ` sig=`.

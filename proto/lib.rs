@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit_format;
+pub mod calendar;
 pub mod data_checks;
 pub mod error_details;
 pub mod identity;

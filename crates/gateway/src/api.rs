@@ -58,19 +58,6 @@ pub(crate) struct Prepared {
     pub item: ProtectItem,
 }
 
-/// RFC 3339 (UTC, seconds) for error metadata a person reads.
-fn rfc3339(ms: UnixMillis) -> String {
-    let days = ms.div_euclid(86_400_000);
-    let seconds = ms.rem_euclid(86_400_000) / 1000;
-    let (year, month, day) = crate::clock::civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        seconds / 3600,
-        seconds / 60 % 60,
-        seconds % 60
-    )
-}
-
 /// The state every handler shares.
 #[derive(Debug)]
 pub struct Gateway {
@@ -664,7 +651,10 @@ impl Gateway {
         };
         let mut error = precondition(reason, message);
         error.metadata = vec![
-            ("blocked_until", rfc3339(block.until)),
+            (
+                "blocked_until",
+                tessera_api::calendar::rfc3339_millis(block.until),
+            ),
             ("blocked_until_unix_ms", block.until.to_string()),
             ("acquiring_agreement", block.agreement),
         ];

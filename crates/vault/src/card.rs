@@ -277,23 +277,8 @@ pub fn today_utc() -> (u32, u32) {
 /// (proleptic Gregorian calendar), restricted to days on or after the epoch so it stays in
 /// unsigned arithmetic.
 fn year_month_from_days(days: u64) -> (u32, u32) {
-    // Shift the epoch to 0000-03-01 so leap days fall at the end of each 400-year era.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_from_march = (5 * day_of_year + 2) / 153;
-    let month = if month_from_march < 10 {
-        month_from_march + 3
-    } else {
-        month_from_march - 9
-    };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (
-        u32::try_from(year).unwrap_or(u32::MAX),
-        u32::try_from(month).unwrap_or(1),
-    )
+    let (year, month, _) = tessera_api::calendar::civil_from_days(i64::try_from(days).unwrap_or(i64::MAX));
+    (year, month)
 }
 
 /// Facts about a card that are not sensitive and are stored next to its token.
