@@ -2,7 +2,9 @@
 //! written, so bad input changes nothing. The vault validates card data again on its side of
 //! the trust boundary; this copy exists so a refusal costs no vault round trip.
 
-use tessera_api::data_checks::{bic_valid, cvc_valid, email_valid, iban_valid, normalise_iban, phone_valid};
+use tessera_api::data_checks::{
+    bic_valid, cvc_valid, email_valid, iban_valid, luhn_valid, normalise_iban, phone_valid,
+};
 
 use crate::error::ApiError;
 
@@ -64,22 +66,10 @@ pub fn card_number(number: &str) -> Result<(), ApiError> {
         return Err(invalid_number("card number must be 12 to 19 digits"));
     }
     let mut digits = 0usize;
-    let mut sum = 0u32;
-    // Walk from the right so every second digit from the check digit is doubled.
-    for byte in number.bytes().rev() {
+    for byte in number.bytes() {
         match byte {
-            b' ' | b'-' => continue,
-            b'0'..=b'9' => {
-                let mut value = u32::from(byte - b'0');
-                if digits % 2 == 1 {
-                    value *= 2;
-                    if value > 9 {
-                        value -= 9;
-                    }
-                }
-                sum += value;
-                digits += 1;
-            }
+            b' ' | b'-' => {}
+            b'0'..=b'9' => digits += 1,
             _ => {
                 return Err(invalid_number(
                     "card number must contain only digits, spaces or dashes",
@@ -90,7 +80,7 @@ pub fn card_number(number: &str) -> Result<(), ApiError> {
     if !(12..=19).contains(&digits) {
         return Err(invalid_number("card number must be 12 to 19 digits"));
     }
-    if sum % 10 != 0 {
+    if !luhn_valid(number.as_bytes(), b" -") {
         return Err(invalid_number("card number fails the Luhn check"));
     }
     Ok(())

@@ -108,29 +108,7 @@ pub fn luhn_valid(digits: &str) -> bool {
 
 /// The Luhn check over ASCII bytes, shared with token generation.
 pub(crate) fn luhn_valid_bytes(digits: &[u8]) -> bool {
-    if digits.is_empty() {
-        return false;
-    }
-    let mut sum = 0u32;
-    for (position, byte) in digits.iter().rev().enumerate() {
-        if !byte.is_ascii_digit() {
-            return false;
-        }
-        let digit = u32::from(byte - b'0');
-        let value = if position % 2 == 1 {
-            let doubled = digit * 2;
-            if doubled > 9 {
-                doubled - 9
-            } else {
-                doubled
-            }
-        } else {
-            digit
-        };
-        // Reducing as we go keeps the sum bounded whatever the input length.
-        sum = (sum + value) % 10;
-    }
-    sum == 0
+    tessera_api::data_checks::luhn_valid(digits, b"")
 }
 
 /// Card scheme, named as in the public `tessera.v1.CardBrand` enum.
