@@ -453,6 +453,42 @@ impl Gateway {
         (record, journal)
     }
 
+    /// The common start of a call about one token: a valid merchant id the caller may act
+    /// for with `operation`, and a token of valid syntax. Returns the caller's identity.
+    fn authorized(
+        &self,
+        caller: Option<String>,
+        operation: Operation,
+        merchant_id: &str,
+        token: &str,
+    ) -> Result<String, ApiError> {
+        validate::merchant_id(merchant_id)?;
+        self.policy.authorize(caller.as_deref(), operation, merchant_id)?;
+        validate::token(token)?;
+        Ok(caller.unwrap_or_default())
+    }
+
+    /// Applies a state change; ABORTED when the token changed under it (a concurrent request
+    /// got there first), so the caller retries against the new state.
+    async fn apply(
+        &self,
+        change: &Transition,
+        entry: &JournalEntry<'_>,
+        during: &str,
+    ) -> Result<TokenRecord, ApiError> {
+        self.store
+            .transition(change, entry)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    Code::Aborted,
+                    "CONCURRENT_CHANGE",
+                    format!("the token changed during {during}; retry"),
+                )
+            })
+    }
+
     async fn tokenize(
         &self,
         caller: Option<String>,
@@ -594,10 +630,12 @@ impl Gateway {
     }
 
     async fn get_token(&self, caller: Option<String>, request: GetTokenRequest) -> Result<Token, ApiError> {
-        validate::merchant_id(&request.merchant_id)?;
-        self.policy
-            .authorize(caller.as_deref(), Operation::ReadMetadata, &request.merchant_id)?;
-        validate::token(&request.token)?;
+        self.authorized(
+            caller,
+            Operation::ReadMetadata,
+            &request.merchant_id,
+            &request.token,
+        )?;
         let record = self.lookup(&request.merchant_id, &request.token).await?;
         let now = self.clock.now_ms();
         check_exists(&record, now)?;
@@ -905,11 +943,7 @@ impl Gateway {
         caller: Option<String>,
         request: DeleteTokenRequest,
     ) -> Result<DeleteTokenResponse, ApiError> {
-        validate::merchant_id(&request.merchant_id)?;
-        self.policy
-            .authorize(caller.as_deref(), Operation::Delete, &request.merchant_id)?;
-        let caller = caller.unwrap_or_default();
-        validate::token(&request.token)?;
+        let caller = self.authorized(caller, Operation::Delete, &request.merchant_id, &request.token)?;
         let now = self.clock.now_ms();
         let record = self.lookup(&request.merchant_id, &request.token).await?;
         check_exists(&record, now)?;
@@ -932,18 +966,7 @@ impl Gateway {
             destroy: true,
             clear_deadline: false,
         };
-        let deleted = self
-            .store
-            .transition(&change, &entry)
-            .await
-            .map_err(store_error)?
-            .ok_or_else(|| {
-                ApiError::new(
-                    Code::Aborted,
-                    "CONCURRENT_CHANGE",
-                    "the token changed during deletion; retry",
-                )
-            })?;
+        let deleted = self.apply(&change, &entry, "deletion").await?;
         tracing::info!(merchant_id = %deleted.merchant_id, token = %deleted.token, "deleted");
         Ok(DeleteTokenResponse {
             token: Some(token_message(&deleted)),
@@ -955,11 +978,7 @@ impl Gateway {
         caller: Option<String>,
         request: ConfirmTokenRequest,
     ) -> Result<Token, ApiError> {
-        validate::merchant_id(&request.merchant_id)?;
-        self.policy
-            .authorize(caller.as_deref(), Operation::Tokenize, &request.merchant_id)?;
-        let caller = caller.unwrap_or_default();
-        validate::token(&request.token)?;
+        let caller = self.authorized(caller, Operation::Tokenize, &request.merchant_id, &request.token)?;
         validate::reference("payment_reference", &request.payment_reference)?;
         let now = self.clock.now_ms();
         let record = self.lookup(&request.merchant_id, &request.token).await?;
@@ -993,18 +1012,7 @@ impl Gateway {
             destroy: false,
             clear_deadline: true,
         };
-        let confirmed = self
-            .store
-            .transition(&change, &entry)
-            .await
-            .map_err(store_error)?
-            .ok_or_else(|| {
-                ApiError::new(
-                    Code::Aborted,
-                    "CONCURRENT_CHANGE",
-                    "the token changed during confirmation; retry",
-                )
-            })?;
+        let confirmed = self.apply(&change, &entry, "confirmation").await?;
         tracing::info!(merchant_id = %confirmed.merchant_id, token = %confirmed.token, "confirmed: recurring contract");
         Ok(token_message(&confirmed))
     }
@@ -1054,11 +1062,7 @@ impl Gateway {
         caller: Option<String>,
         request: ExtendRetentionRequest,
     ) -> Result<Token, ApiError> {
-        validate::merchant_id(&request.merchant_id)?;
-        self.policy
-            .authorize(caller.as_deref(), Operation::Extend, &request.merchant_id)?;
-        let caller = caller.unwrap_or_default();
-        validate::token(&request.token)?;
+        let caller = self.authorized(caller, Operation::Extend, &request.merchant_id, &request.token)?;
         if !(1..=MAX_EXTENSION_MONTHS).contains(&request.months) {
             return Err(ApiError::invalid(
                 "months",
@@ -1105,10 +1109,12 @@ impl Gateway {
         caller: Option<String>,
         request: GetTokenHistoryRequest,
     ) -> Result<GetTokenHistoryResponse, ApiError> {
-        validate::merchant_id(&request.merchant_id)?;
-        self.policy
-            .authorize(caller.as_deref(), Operation::ReadMetadata, &request.merchant_id)?;
-        validate::token(&request.token)?;
+        self.authorized(
+            caller,
+            Operation::ReadMetadata,
+            &request.merchant_id,
+            &request.token,
+        )?;
         // Existence first, so an unknown token answers NOT_FOUND and not an empty history.
         self.lookup(&request.merchant_id, &request.token).await?;
         let entries = self
