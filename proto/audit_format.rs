@@ -236,6 +236,9 @@ pub struct Verified {
     pub unsigned_tail: u64,
     /// Findings that do not break the chain but deserve a look.
     pub warnings: Vec<String>,
+    /// The audit public keys (hex) that signed the log, in order: the one given, then each key
+    /// a signed `rekey` record handed over to.
+    pub audit_keys: Vec<String>,
 }
 
 /// How strict [`verify`] is about the end of the log.
@@ -252,9 +255,14 @@ pub fn verify(
     public_key: &[u8; PUBLIC_KEY_LEN],
     options: VerifyOptions,
 ) -> Result<Verified, Break> {
-    let expected_key_id = key_id(public_key);
-    let verifier = UnparsedPublicKey::new(&ED25519, public_key);
-    let mut report = Verified::default();
+    // The key that signs the current block. A `rekey` record names the next one; it takes
+    // over only after a seal by the current key has vouched for that record.
+    let mut signing_key = *public_key;
+    let mut next_key: Option<[u8; PUBLIC_KEY_LEN]> = None;
+    let mut report = Verified {
+        audit_keys: vec![hex(public_key)],
+        ..Verified::default()
+    };
     let mut prev = [0u8; 32];
     let mut first_unsigned: Option<u64> = None;
     let mut last_was_final_seal = false;
@@ -321,11 +329,30 @@ pub fn verify(
                         ));
                     }
                 }
+                if entry.field("event").as_deref() == Some("rekey")
+                    && entry.field("result").as_deref() == Some("ok")
+                {
+                    let named = entry.field("next_audit_key");
+                    next_key = Some(
+                        named
+                            .as_deref()
+                            .and_then(decode_hex::<PUBLIC_KEY_LEN>)
+                            .ok_or_else(|| Break {
+                                seq,
+                                why: "the rekey record names no valid next audit key: it was altered".into(),
+                            })?,
+                    );
+                }
                 first_unsigned.get_or_insert(seq);
                 last_was_final_seal = false;
             }
             "seal" => {
-                check_seal(line, &entry, &expected_key_id, &verifier)?;
+                let verifier = UnparsedPublicKey::new(&ED25519, &signing_key);
+                check_seal(line, &entry, &key_id(&signing_key), &verifier)?;
+                if let Some(next) = next_key.take() {
+                    signing_key = next;
+                    report.audit_keys.push(hex(&next));
+                }
                 report.seals += 1;
                 first_unsigned = None;
                 last_was_final_seal = entry.field("final").as_deref() == Some("1");
@@ -389,7 +416,7 @@ fn check_seal(
         return Err(Break {
             seq,
             why: format!(
-                "the block seal is by audit key {key}, not by the given public key ({expected_key_id})"
+                "the block seal is by audit key {key}, not by the expected one ({expected_key_id}: the given public key, or the one a signed rekey record handed over to)"
             ),
         });
     }
@@ -423,12 +450,19 @@ mod tests {
 
     /// A tiny writer mirroring the vault's, for tests of the verifier alone.
     fn write_log(pair: &Ed25519KeyPair, entries: &[&str]) -> String {
+        write_log_signed_by(&[pair], entries)
+    }
+
+    /// Like `write_log`; a seal entry `seal F @N` is signed by `pairs[N]` (default 0).
+    fn write_log_signed_by(pairs: &[&Ed25519KeyPair], entries: &[&str]) -> String {
         let mut out = String::new();
         let mut prev = [0u8; 32];
         for (index, body) in entries.iter().enumerate() {
             let seq = index + 1;
             let mut line = format!("{seq} {} ", hex(&prev));
-            if let Some(final_flag) = body.strip_prefix("seal") {
+            if let Some(seal) = body.strip_prefix("seal") {
+                let (final_flag, signer) = seal.split_once('@').unwrap_or((seal, "0"));
+                let pair = pairs[signer.trim().parse::<usize>().unwrap()];
                 line.push_str(&format!(
                     "seal key={} final={}",
                     key_id(pair.public_key().as_ref()),
@@ -490,6 +524,44 @@ mod tests {
     }
 
     #[test]
+    fn the_audit_key_rolls_over_only_through_a_rekey_record_the_old_key_signed() {
+        let old = keypair();
+        let new = Ed25519KeyPair::from_seed_unchecked(&[9u8; 32]).unwrap();
+        let rekey = format!(
+            "event=rekey result=ok caller=op next_audit_key={}",
+            hex(&public(&new))
+        );
+        let entries = [
+            "event=vault-start result=ok caller=",
+            rekey.as_str(),
+            "seal 0 @0",
+            "event=protect result=ok caller=gw merchant=m1 token=tok_a",
+            "seal 1 @1",
+        ];
+        let log = write_log_signed_by(&[&old, &new], &entries);
+        let report = verify(log.as_bytes(), &public(&old), VerifyOptions::default()).unwrap();
+        assert_eq!(report.audit_keys, vec![hex(&public(&old)), hex(&public(&new))]);
+
+        // The new key signing the block that holds its own rekey record proves nothing.
+        let early = write_log_signed_by(&[&old, &new], &[entries[0], entries[1], "seal 0 @1"]);
+        assert_eq!(
+            verify(early.as_bytes(), &public(&old), VerifyOptions::default())
+                .unwrap_err()
+                .seq,
+            3
+        );
+        // Without a rekey record the old key stays the only one accepted.
+        let unannounced =
+            write_log_signed_by(&[&old, &new], &[entries[0], "seal 0 @0", entries[3], "seal 1 @1"]);
+        assert_eq!(
+            verify(unannounced.as_bytes(), &public(&old), VerifyOptions::default())
+                .unwrap_err()
+                .seq,
+            4
+        );
+    }
+
+    #[test]
     fn a_clean_log_verifies() {
         let pair = keypair();
         let report = verify(sample(&pair).as_bytes(), &public(&pair), VerifyOptions::default()).unwrap();
@@ -510,7 +582,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.seq, 4);
-        assert!(err.why.contains("not by the given public key"), "{err}");
+        assert!(err.why.contains("not by the expected one"), "{err}");
     }
 
     #[test]

@@ -310,15 +310,7 @@ async fn kek_rotation_rewraps_every_key_and_the_old_key_can_go(backend: Backend)
         cards[0].1
     );
 
-    let output = run_tessera([
-        "keys".to_owned(),
-        "rewrap-all".to_owned(),
-        "--gateway".to_owned(),
-        stack.gateway_addr().to_string(),
-        "--certs-dir".to_owned(),
-        stack.pki().dir().to_str().unwrap().to_owned(),
-    ]);
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text = stack.rewrap_all();
     assert!(text.contains("re-wrapped 2 keys"), "{text}");
     assert!(text.contains("0 failed"), "{text}");
 

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::requests::{detokenize, revealed_number, tokenize_card};
-use common::{gateway_channel, run_tessera, try_tessera, Stack, StackOptions};
+use common::{gateway_channel, run_tessera, try_tessera, CallerPolicy, Stack, StackOptions};
 use tessera_api::error_details::decode_error_info;
 use tessera_api::v1::tokenization_client::TokenizationClient;
 use tonic::transport::Channel;
@@ -31,7 +31,8 @@ fn reason(status: &tonic::Status) -> String {
         .unwrap_or_default()
 }
 
-/// A stack whose vault starts sealed, with its seal state and audit log in `state`.
+/// A stack whose vault starts sealed, with its seal state and audit log in `state`; the
+/// operator may rotate keys through the gateway.
 fn sealed_stack(state: &Path) -> Stack {
     let mut extra = toml::Table::new();
     let mut master_key = toml::Table::new();
@@ -46,6 +47,10 @@ fn sealed_stack(state: &Path) -> Stack {
     extra.insert("audit".into(), audit.into());
     Stack::start_with(StackOptions {
         vault_extra: extra,
+        callers: vec![
+            CallerPolicy::all("spiffe://tessera/dev-client"),
+            CallerPolicy::new("spiffe://tessera/operator", &["*"], &["rotate_keys"]),
+        ],
         ..StackOptions::default()
     })
 }
@@ -328,4 +333,141 @@ async fn unseal_before_init_and_bad_parameters_are_refused() {
         !state.path().join("seal.toml").exists(),
         "a refused init must not initialise the vault"
     );
+}
+
+fn share_files_of(dir: &Path, count: u32) -> Vec<PathBuf> {
+    (1..=count)
+        .map(|index| dir.join(format!("share-{index}-of-{count}.txt")))
+        .collect()
+}
+
+/// Every token (all of merchant `m_rekey`) reveals `PAN`.
+async fn assert_all_reveal(client: &mut TokenizationClient<Channel>, tokens: &[String]) {
+    for token in tokens {
+        let revealed = client.detokenize(detokenize("m_rekey", token)).await.unwrap();
+        assert_eq!(revealed_number(&revealed.into_inner()), PAN);
+    }
+}
+
+fn printed<'a>(output: &'a str, prefix: &str) -> &'a str {
+    output
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in {output}"))
+}
+
+/// KEK rotation of a sealed vault: `tessera vault rekey` hands out new shares and retires the
+/// old key to unwrap-only; old tokens keep detokenizing (also after a restart unsealed with
+/// the new shares, while the old shares are refused); `keys rewrap-all` moves every merchant
+/// key and `vault retire-keys` forgets the old key; the audit log verifies with the original
+/// public key across the audit key's roll-over.
+#[tokio::test]
+async fn rekey_rotates_the_master_key_of_a_sealed_vault() {
+    let state = tempfile::tempdir().unwrap();
+    let (first_dir, second_dir) = (state.path().join("first"), state.path().join("second"));
+    let mut stack = sealed_stack(state.path());
+    let mut client = TokenizationClient::new(gateway_channel(&stack, "dev-client").await);
+    let dir = |path: &Path| path.to_str().unwrap().to_owned();
+    let init = tessera_vault(
+        &stack,
+        &[
+            "init",
+            "--shares",
+            "3",
+            "--threshold",
+            "2",
+            "--out-dir",
+            &dir(&first_dir),
+        ],
+    );
+    assert!(init.status.success(), "{}", stderr(&init));
+    let init_out = stdout(&init);
+    let (old_kcv, public_key) = (
+        printed(&init_out, "key check value: ").to_owned(),
+        printed(&init_out, "audit public key: ").to_owned(),
+    );
+    let first = share_files_of(&first_dir, 3);
+    unseal_ok(&stack, &first[0]);
+    unseal_ok(&stack, &first[1]);
+    wait_until_served(&mut client).await;
+    let mut tokens = Vec::new();
+    for _ in 0..5 {
+        let token = client.tokenize(tokenize_card("m_rekey", PAN)).await.unwrap();
+        tokens.push(token.into_inner().token.unwrap().token);
+    }
+
+    let rekey = tessera_vault(
+        &stack,
+        &[
+            "rekey",
+            "--shares",
+            "4",
+            "--threshold",
+            "3",
+            "--out-dir",
+            &dir(&second_dir),
+        ],
+    );
+    assert!(rekey.status.success(), "{}", stderr(&rekey));
+    let rekey_out = stdout(&rekey);
+    let new_kcv = printed(&rekey_out, "key check value: ").to_owned();
+    assert_ne!(new_kcv, old_kcv);
+    assert_eq!(printed(&rekey_out, "retiring (unwrap only): "), old_kcv);
+    let status = stdout(&tessera_vault(&stack, &["status"]));
+    assert!(
+        status.contains(&format!("key check value: {new_kcv}")),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("retiring key check values: {old_kcv}")),
+        "{status}"
+    );
+    // Traffic goes on: old tokens reveal, new ones are made under the new key.
+    assert_all_reveal(&mut client, &tokens).await;
+    let token = client.tokenize(tokenize_card("m_rekey", PAN)).await.unwrap();
+    tokens.push(token.into_inner().token.unwrap().token);
+
+    // After a restart only the new shares unseal; the old key comes back as retiring.
+    stack.kill_vault();
+    stack.start_vault();
+    unseal_refused(&stack, &first[2], "WRONG_VAULT_SHARE");
+    let second = share_files_of(&second_dir, 4);
+    for share in &second[1..] {
+        unseal_ok(&stack, share);
+    }
+    wait_until_served(&mut client).await;
+    assert_all_reveal(&mut client, &tokens).await;
+
+    let rewrap_out = stack.rewrap_all();
+    assert!(rewrap_out.contains("(0 failed"), "{rewrap_out}");
+    let retire = tessera_vault(&stack, &["retire-keys"]);
+    assert!(retire.status.success(), "{}", stderr(&retire));
+    assert!(stdout(&retire).contains(&old_kcv), "{}", stdout(&retire));
+
+    // The old key is gone for good; every token still reveals under the new one.
+    stack.stop_vault();
+    stack.start_vault();
+    for share in &second[..3] {
+        unseal_ok(&stack, share);
+    }
+    wait_until_served(&mut client).await;
+    let status = stdout(&tessera_vault(&stack, &["status"]));
+    assert!(!status.contains("retiring"), "{status}");
+    assert_all_reveal(&mut client, &tokens).await;
+
+    // One published key verifies the whole log: the old audit key vouched for the new one.
+    stack.stop_vault();
+    let audit = std::fs::read_to_string(state.path().join("audit.log")).unwrap();
+    for event in ["event=rekey result=ok", "event=retire-master-keys result=ok"] {
+        assert!(audit.contains(event), "{event} missing from the audit log");
+    }
+    let verified = run_tessera([
+        "audit",
+        "verify",
+        state.path().join("audit.log").to_str().unwrap(),
+        "--public-key",
+        &public_key,
+    ]);
+    let verified = String::from_utf8_lossy(&verified.stdout).into_owned();
+    assert!(verified.contains("audit key rolled over"), "{verified}");
 }

@@ -971,6 +971,20 @@ impl Stack {
             path_string(self.pki().dir()),
         ]
     }
+
+    /// Runs `tessera keys rewrap-all` against gateway 0 as the operator (which needs
+    /// `rotate_keys` for `"*"`); returns what it printed.
+    pub fn rewrap_all(&self) -> String {
+        let output = run_tessera([
+            "keys".to_owned(),
+            "rewrap-all".to_owned(),
+            "--gateway".to_owned(),
+            self.gateway_addr().to_string(),
+            "--certs-dir".to_owned(),
+            path_string(self.pki().dir()),
+        ]);
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
 }
 
 /// The pid of a running process that has `argument` on its command line.

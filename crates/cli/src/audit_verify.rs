@@ -61,6 +61,11 @@ pub fn run(file: &Path, key: &str, allow_open_tail: bool) -> Result<(), VerifyEr
         "OK: {} lines, {} signed blocks, chain head {}",
         report.lines, report.seals, report.head
     );
+    if let Some((_, handed_over)) = report.audit_keys.split_first() {
+        for key in handed_over {
+            println!("audit key rolled over (signed rekey record) to {key}");
+        }
+    }
     if report.clean_end {
         println!("the log ends with the vault's shutdown seal");
     } else if report.unsigned_tail > 0 {

@@ -87,15 +87,8 @@ enum VaultCommand {
     /// Create the master key inside a sealed vault and split it into key shares, one file per
     /// custodian (mode 0600). Runs once per vault; the whole key is never written anywhere.
     Init {
-        /// Number of shares (custodians), 2 to 255.
-        #[arg(long)]
-        shares: u32,
-        /// Shares needed to unseal, 2 to --shares.
-        #[arg(long)]
-        threshold: u32,
-        /// Where to write share-I-of-N.txt (created with mode 0700; must hold no share files).
-        #[arg(long)]
-        out_dir: PathBuf,
+        #[command(flatten)]
+        split: vault_admin::ShareSplit,
         #[command(flatten)]
         connection: vault_admin::VaultConnection,
     },
@@ -104,6 +97,21 @@ enum VaultCommand {
         /// The custodian's share file from `tessera vault init`.
         #[arg(long)]
         share_file: PathBuf,
+        #[command(flatten)]
+        connection: vault_admin::VaultConnection,
+    },
+    /// KEK rotation of an unsealed sealed-start vault (rekey ceremony): the vault creates a new
+    /// master key and new shares, one file per custodian; the old shares stop working. The
+    /// replaced key only unwraps until `retire-keys`.
+    Rekey {
+        #[command(flatten)]
+        split: vault_admin::ShareSplit,
+        #[command(flatten)]
+        connection: vault_admin::VaultConnection,
+    },
+    /// End a KEK rotation: the vault forgets the retiring master keys. Run after `tessera keys
+    /// rewrap-all` has re-wrapped every merchant key.
+    RetireKeys {
         #[command(flatten)]
         connection: vault_admin::VaultConnection,
     },
@@ -246,17 +254,14 @@ fn run_vault(command: VaultCommand) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     runtime.block_on(async {
         match command {
-            VaultCommand::Init {
-                shares,
-                threshold,
-                out_dir,
-                connection,
-            } => vault_admin::init(&connection, shares, threshold, &out_dir).await,
+            VaultCommand::Init { split, connection } => vault_admin::init(&connection, &split).await,
             VaultCommand::Unseal {
                 share_file,
                 connection,
             } => vault_admin::unseal(&connection, &share_file).await,
             VaultCommand::Seal { connection } => vault_admin::seal(&connection).await,
+            VaultCommand::Rekey { split, connection } => vault_admin::rekey(&connection, &split).await,
+            VaultCommand::RetireKeys { connection } => vault_admin::retire_keys(&connection).await,
             VaultCommand::Status { connection } => vault_admin::status(&connection).await,
         }
     })?;

@@ -1,4 +1,4 @@
-//! `tessera vault init | unseal | seal | status`: operator calls to a vault over mutual TLS with
+//! `tessera vault init | unseal | seal | status | rekey | retire-keys`: operator calls to a vault over mutual TLS with
 //! an operator certificate.
 //!
 //! Key shares pass through this tool only in zeroizing memory: `init` writes each share to its
@@ -14,7 +14,10 @@ use std::time::Duration;
 use clap::Args;
 use tessera_api::error_details::decode_error_info;
 use tessera_api::vault::vault_client::VaultClient;
-use tessera_api::vault::{InitRequest, SealRequest, StatusRequest, StatusResponse, UnsealRequest};
+use tessera_api::vault::{
+    InitRequest, RekeyRequest, RetireMasterKeysRequest, SealRequest, StatusRequest, StatusResponse,
+    UnsealRequest,
+};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use zeroize::Zeroizing;
 
@@ -134,20 +137,103 @@ fn share_path(out_dir: &Path, index: u32, shares: u32) -> PathBuf {
     out_dir.join(format!("share-{index}-of-{shares}.txt"))
 }
 
+/// How a new master key is split: the arguments of `init` and `rekey`.
+#[derive(Debug, Clone, Args)]
+pub struct ShareSplit {
+    /// Number of shares (custodians), 2 to 255.
+    #[arg(long)]
+    pub shares: u32,
+    /// Shares needed to unseal, 2 to --shares.
+    #[arg(long)]
+    pub threshold: u32,
+    /// Where to write share-I-of-N.txt (created with mode 0700; must hold no share files).
+    #[arg(long)]
+    pub out_dir: PathBuf,
+}
+
 /// `tessera vault init`: the vault creates and splits the master key; each share goes to its
 /// own new file in `out_dir`, which is created with mode 0700 and must not hold share files.
-pub async fn init(
+pub async fn init(connection: &VaultConnection, split: &ShareSplit) -> Result<(), AdminError> {
+    let mut client = ceremony(connection, split).await?;
+    let request = InitRequest {
+        shares: split.shares,
+        threshold: split.threshold,
+    };
+    let response = client.init(request).await.map_err(refused)?.into_inner();
+    write_shares(
+        split,
+        &response.shares,
+        response.threshold,
+        &response.key_check_value,
+    )?;
+    println!("audit public key: {}", response.audit_public_key);
+    println!(
+        "The vault is initialised and SEALED. Hand each share file to its custodian, then delete \
+         it here; {} of them must run `tessera vault unseal` after every start.",
+        response.threshold
+    );
+    Ok(())
+}
+
+/// `tessera vault rekey`: KEK rotation of an unsealed sealed-start vault. The vault creates a
+/// new master key and new shares (written like `init`'s); the old shares stop working.
+pub async fn rekey(connection: &VaultConnection, split: &ShareSplit) -> Result<(), AdminError> {
+    let mut client = ceremony(connection, split).await?;
+    let request = RekeyRequest {
+        shares: split.shares,
+        threshold: split.threshold,
+    };
+    let response = client.rekey(request).await.map_err(refused)?.into_inner();
+    write_shares(
+        split,
+        &response.shares,
+        response.threshold,
+        &response.key_check_value,
+    )?;
+    println!(
+        "retiring (unwrap only): {}",
+        response.retiring_key_check_values.join(", ")
+    );
+    println!("audit public key from now on: {}", response.audit_public_key);
+    println!(
+        "The vault wraps with the new master key. Hand out the new share files and destroy the \
+         old shares; run `tessera keys rewrap-all`, then `tessera vault retire-keys`."
+    );
+    Ok(())
+}
+
+/// `tessera vault retire-keys`: ends a KEK rotation (after `tessera keys rewrap-all`).
+pub async fn retire_keys(connection: &VaultConnection) -> Result<(), AdminError> {
+    let mut client = connect(connection).await?;
+    let response = client
+        .retire_master_keys(RetireMasterKeysRequest {})
+        .await
+        .map_err(refused)?
+        .into_inner();
+    if response.retired_key_check_values.is_empty() {
+        println!("no master key was retiring");
+    } else {
+        println!(
+            "retired master keys: {}",
+            response.retired_key_check_values.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Checks the share destination before the vault creates a key whose shares could not be
+/// saved (created with mode 0700, holding none of the files about to be written), then
+/// connects.
+async fn ceremony(
     connection: &VaultConnection,
-    shares: u32,
-    threshold: u32,
-    out_dir: &Path,
-) -> Result<(), AdminError> {
-    if !(2..=shares).contains(&threshold) || shares > 255 {
+    split: &ShareSplit,
+) -> Result<VaultClient<Channel>, AdminError> {
+    let (shares, out_dir) = (split.shares, split.out_dir.as_path());
+    if !(2..=shares).contains(&split.threshold) || shares > 255 {
         return Err(AdminError::Usage(
             "--threshold must be at least 2 and at most --shares, --shares at most 255".into(),
         ));
     }
-    // Check the destination before the vault creates a key whose shares could not be saved.
     fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     fs::set_permissions(out_dir, fs::Permissions::from_mode(0o700)).map_err(io(out_dir))?;
     for index in 1..=shares {
@@ -159,23 +245,20 @@ pub async fn init(
             )));
         }
     }
-    let mut client = connect(connection).await?;
-    let response = client
-        .init(InitRequest { shares, threshold })
-        .await
-        .map_err(refused)?
-        .into_inner();
-    let count = u32::try_from(response.shares.len()).unwrap_or(u32::MAX);
-    for (index, share) in (1..).zip(&response.shares) {
-        let path = share_path(out_dir, index, count);
+    connect(connection).await
+}
+
+/// Writes each share to its own new file (mode 0600) and prints where, and the key check value.
+fn write_shares(split: &ShareSplit, shares: &[String], threshold: u32, kcv: &str) -> Result<(), AdminError> {
+    let count = u32::try_from(shares.len()).unwrap_or(u32::MAX);
+    for (index, share) in (1..).zip(shares) {
+        let path = share_path(&split.out_dir, index, count);
         let mut text = Zeroizing::new(String::with_capacity(512));
         text.push_str(&format!(
             "# Tessera master key share {index} of {count}: any {threshold} shares unseal the vault.\n\
              # Key check value: {kcv} (the vault reports the same value once unsealed).\n\
              # For ONE custodian. Keep it offline; never send it by e-mail or chat.\n\
              # Unseal with: tessera vault unseal --share-file <this file>\n",
-            threshold = response.threshold,
-            kcv = response.key_check_value,
         ));
         text.push_str(share);
         text.push('\n');
@@ -190,13 +273,7 @@ pub async fn init(
             .map_err(io(&path))?;
         println!("share {index} of {count}: {}", path.display());
     }
-    println!("key check value: {}", response.key_check_value);
-    println!("audit public key: {}", response.audit_public_key);
-    println!(
-        "The vault is initialised and SEALED. Hand each share file to its custodian, then delete \
-         it here; {} of them must run `tessera vault unseal` after every start.",
-        response.threshold
-    );
+    println!("key check value: {kcv}");
     Ok(())
 }
 
@@ -278,6 +355,12 @@ fn render_status(status: &StatusResponse) -> String {
     }
     line("master key source", &status.master_key_source);
     line("key check value", &status.master_key_check_value);
+    if !status.retiring_key_check_values.is_empty() {
+        line(
+            "retiring key check values",
+            &status.retiring_key_check_values.join(", "),
+        );
+    }
     line("mode", &status.mode);
     line("audit state", &status.audit_state);
     if !status.audit_error.is_empty() {

@@ -595,6 +595,20 @@ mod tests {
         ) -> Result<Response<tessera_api::vault::RewrapKeysResponse>, Status> {
             Err(Status::unimplemented("fake"))
         }
+
+        async fn rekey(
+            &self,
+            _: Request<tessera_api::vault::RekeyRequest>,
+        ) -> Result<Response<tessera_api::vault::RekeyResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
+
+        async fn retire_master_keys(
+            &self,
+            _: Request<tessera_api::vault::RetireMasterKeysRequest>,
+        ) -> Result<Response<tessera_api::vault::RetireMasterKeysResponse>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
     }
 
     /// Starts a fake vault named `name` answering after `delay`.

@@ -310,12 +310,11 @@ impl AuditLog {
         *state = State::Failed { reason, lines, head };
     }
 
-    /// Installs the signing key (at unseal) or removes it (at seal, after signing what is
-    /// unsigned with it).
+    /// Installs the signing key (at unseal), replaces it (at rekey) or removes it (at seal).
+    /// What is unsigned is first signed with the key going away, so records written under
+    /// one key (a rekey's record naming the next key, a seal's record) are vouched for by it.
     pub fn set_signer(&self, signer: Option<Arc<AuditSigner>>) {
-        if signer.is_none() {
-            self.seal_block(false);
-        }
+        self.seal_block(false);
         if let State::Open(writer) = &mut *self.lock() {
             writer.signer = signer;
         }

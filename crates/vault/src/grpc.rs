@@ -21,8 +21,8 @@ use prost::Message;
 use tessera_api::error_details::encode_status_details;
 use tessera_api::identity::peer_identity;
 use tessera_api::vault::{
-    CreateKeysRequest, EchoRequest, InitRequest, ProtectRequest, ReencryptRequest, RevealRequest,
-    RewrapKeysRequest, SealRequest, StatusRequest, UnsealRequest,
+    CreateKeysRequest, EchoRequest, InitRequest, ProtectRequest, ReencryptRequest, RekeyRequest,
+    RetireMasterKeysRequest, RevealRequest, RewrapKeysRequest, SealRequest, StatusRequest, UnsealRequest,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -52,6 +52,8 @@ enum Method {
     Seal,
     Reencrypt,
     RewrapKeys,
+    Rekey,
+    RetireMasterKeys,
 }
 
 impl Method {
@@ -67,6 +69,8 @@ impl Method {
             "/tessera.vault.v1.Vault/Seal" => Some(Self::Seal),
             "/tessera.vault.v1.Vault/Reencrypt" => Some(Self::Reencrypt),
             "/tessera.vault.v1.Vault/RewrapKeys" => Some(Self::RewrapKeys),
+            "/tessera.vault.v1.Vault/Rekey" => Some(Self::Rekey),
+            "/tessera.vault.v1.Vault/RetireMasterKeys" => Some(Self::RetireMasterKeys),
             _ => None,
         }
     }
@@ -79,7 +83,9 @@ impl Method {
             Self::CreateKeys | Self::Protect | Self::Reveal | Self::Echo | Self::Reencrypt => {
                 role == Role::Gateway
             }
-            Self::Status | Self::Init | Self::Unseal | Self::Seal => role == Role::Operator,
+            Self::Status | Self::Init | Self::Unseal | Self::Seal | Self::Rekey | Self::RetireMasterKeys => {
+                role == Role::Operator
+            }
         }
     }
 }
@@ -359,6 +365,13 @@ fn dispatch(
         Method::RewrapKeys => vault
             .rewrap_keys(caller, &RewrapKeysRequest::decode(message).map_err(malformed)?)
             .map(|r| frame(&r)),
+        Method::Rekey => vault
+            .rekey(caller, &RekeyRequest::decode(message).map_err(malformed)?)
+            .map(|r| frame(&r)),
+        Method::RetireMasterKeys => {
+            RetireMasterKeysRequest::decode(message).map_err(malformed)?;
+            vault.retire_master_keys(caller).map(|r| frame(&r))
+        }
     }
 }
 
@@ -471,7 +484,13 @@ mod tests {
         assert!(!Method::Protect.allowed(Role::Operator));
         assert!(Method::Status.allowed(Role::Operator));
         assert!(!Method::Status.allowed(Role::Gateway));
-        for method in [Method::Init, Method::Unseal, Method::Seal] {
+        for method in [
+            Method::Init,
+            Method::Unseal,
+            Method::Seal,
+            Method::Rekey,
+            Method::RetireMasterKeys,
+        ] {
             assert!(method.allowed(Role::Operator));
             assert!(!method.allowed(Role::Gateway));
         }

@@ -25,9 +25,11 @@ pub const KEY_LEN: usize = 32;
 /// First byte of a wrapped key blob, so the format can change without guessing.
 const WRAP_FORMAT_V1: u8 = 0x01;
 const TAG_LEN: usize = 16;
-/// Format byte, nonce, encrypted key, tag.
-const WRAPPED_LEN: usize = 1 + NONCE_LEN + KEY_LEN + TAG_LEN;
+/// Length of a wrapped key blob: format byte, nonce, encrypted key, tag.
+pub const WRAPPED_LEN: usize = 1 + NONCE_LEN + KEY_LEN + TAG_LEN;
 const WRAP_LABEL: &[u8] = b"tessera/key-wrap/v1";
+/// Domain label of a retired master key wrapped by its successor during a KEK rotation.
+const RETIRED_MASTER_LABEL: &[u8] = b"tessera/retired-master-key/v1";
 const CHECK_VALUE_LABEL: &[u8] = b"tessera/master-key-check/v1";
 
 /// A 256-bit secret key. Wiped on drop; `Debug` prints no bytes.
@@ -153,6 +155,32 @@ impl MasterKey {
     /// Wraps `key` for `id`. The blob is public: only this master key can open it, and only
     /// for the same merchant, purpose and version.
     pub fn wrap(&self, id: &KeyId, key: &SecretKey, rng: &dyn SecureRandom) -> Result<Vec<u8>, KeyError> {
+        self.seal_key(&wrap_aad(id), key, rng)
+    }
+
+    /// Unwraps a blob made by [`MasterKey::wrap`] for the same `id`.
+    pub fn unwrap(&self, id: &KeyId, blob: &[u8]) -> Result<SecretKey, KeyError> {
+        self.open_key(&wrap_aad(id), blob)
+    }
+
+    /// KEK rotation: wraps `retired` (the master key this one replaces) so that a vault
+    /// unsealed with this key can still unwrap merchant keys not yet re-wrapped. The blob is
+    /// bound to the retired key's check value.
+    pub fn wrap_retired(&self, retired: &MasterKey, rng: &dyn SecureRandom) -> Result<Vec<u8>, KeyError> {
+        self.seal_key(&retired_aad(&retired.key_check_value()), &retired.key, rng)
+    }
+
+    /// Opens a blob made by [`MasterKey::wrap_retired`] and checks that the key inside has
+    /// `key_check_value`.
+    pub fn unwrap_retired(&self, key_check_value: &str, blob: &[u8]) -> Result<MasterKey, KeyError> {
+        let retired = MasterKey::new(self.open_key(&retired_aad(key_check_value), blob)?);
+        if retired.key_check_value() != key_check_value {
+            return Err(KeyError::Unwrap);
+        }
+        Ok(retired)
+    }
+
+    fn seal_key(&self, aad: &[u8], key: &SecretKey, rng: &dyn SecureRandom) -> Result<Vec<u8>, KeyError> {
         // A random 96-bit nonce is safe here: the master key wraps a handful of keys per
         // merchant and version, far below the 2^32 messages where random nonces get risky.
         let mut nonce = [0u8; NONCE_LEN];
@@ -166,18 +194,13 @@ impl MasterKey {
         out.extend_from_slice(key.expose());
         let (_, in_out) = out.split_at_mut_checked(1 + NONCE_LEN).ok_or(KeyError::Crypto)?;
         let tag = cipher
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(wrap_aad(id)),
-                in_out,
-            )
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), in_out)
             .map_err(|_| KeyError::Crypto)?;
         out.extend_from_slice(tag.as_ref());
         Ok(std::mem::take(&mut *out))
     }
 
-    /// Unwraps a blob made by [`MasterKey::wrap`] for the same `id`.
-    pub fn unwrap(&self, id: &KeyId, blob: &[u8]) -> Result<SecretKey, KeyError> {
+    fn open_key(&self, aad: &[u8], blob: &[u8]) -> Result<SecretKey, KeyError> {
         if blob.len() != WRAPPED_LEN {
             return Err(KeyError::Malformed);
         }
@@ -192,7 +215,7 @@ impl MasterKey {
         let sealed: &[u8; KEY_LEN + TAG_LEN] = sealed.try_into().map_err(|_| KeyError::Malformed)?;
         buffer.copy_from_slice(sealed);
         let plain = cipher
-            .open_in_place(nonce, Aad::from(wrap_aad(id)), buffer.as_mut_slice())
+            .open_in_place(nonce, Aad::from(aad), buffer.as_mut_slice())
             .map_err(|_| KeyError::Unwrap)?;
         SecretKey::from_slice(plain).ok_or(KeyError::Malformed)
     }
@@ -247,6 +270,10 @@ impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MasterKey").finish_non_exhaustive()
     }
+}
+
+fn retired_aad(key_check_value: &str) -> Vec<u8> {
+    length_prefixed(&[RETIRED_MASTER_LABEL, key_check_value.as_bytes()])
 }
 
 fn wrap_aad(id: &KeyId) -> Vec<u8> {
@@ -572,6 +599,28 @@ mod tests {
         assert_eq!(blob[0], WRAP_FORMAT_V1);
         assert!(!blob.windows(KEY_LEN).any(|w| w == key.expose()));
         assert_eq!(master.unwrap(&data, &blob).unwrap().expose(), key.expose());
+    }
+
+    #[test]
+    fn a_retired_master_key_opens_only_under_its_successor_and_check_value() {
+        let rng = SystemRandom::new();
+        let retired = master();
+        let successor = MasterKey::new(SecretKey::generate(&rng).unwrap());
+        let kcv = retired.key_check_value();
+        let blob = successor.wrap_retired(&retired, &rng).unwrap();
+        assert_eq!(
+            successor.unwrap_retired(&kcv, &blob).unwrap().key_check_value(),
+            kcv
+        );
+        assert_eq!(
+            successor
+                .unwrap_retired(&successor.key_check_value(), &blob)
+                .unwrap_err(),
+            KeyError::Unwrap
+        );
+        assert_eq!(retired.unwrap_retired(&kcv, &blob).unwrap_err(), KeyError::Unwrap);
+        // A retired-key blob never passes as a merchant key.
+        assert!(successor.unwrap(&id("m1", KeyPurpose::Data, 1), &blob).is_err());
     }
 
     #[test]

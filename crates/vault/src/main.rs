@@ -77,7 +77,13 @@ async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -
                 tracing::warn!(key_check_value = %previous.key_check_value(), "previous master key loaded for re-wrapping only (KEK rotation)");
                 previous_keys.push(previous);
             }
-            (KeySource::Loaded(master), source.describe())
+            (
+                KeySource::Loaded {
+                    master,
+                    previous: std::mem::take(&mut previous_keys),
+                },
+                source.describe(),
+            )
         }
         MasterKeyConfig::Sealed {
             state_file,
@@ -113,11 +119,7 @@ async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -
         master_key_source: source_name,
         hardening,
     };
-    let vault = Arc::new(
-        Vault::new(keys, audit, limits(&config), facts)
-            .map_err(|err| err.to_string())?
-            .with_previous_master_keys(previous_keys),
-    );
+    let vault = Arc::new(Vault::new(keys, audit, limits(&config), facts).map_err(|err| err.to_string())?);
     vault.record_start(prior_log);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

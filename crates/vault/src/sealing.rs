@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tessera_api::audit_format::{decode_hex, hex, push_hex};
 use zeroize::Zeroizing;
 
-use crate::keys::{MasterKey, SecretKey, KEY_LEN};
+use crate::keys::{MasterKey, SecretKey, KEY_LEN, WRAPPED_LEN};
 
 /// First word of every share line, naming the format.
 pub const SHARE_PREFIX: &str = "tessera-share-v1";
@@ -68,6 +68,8 @@ pub enum SealError {
     State(String),
     /// The system random source failed.
     Random,
+    /// Rekey was asked with a master key other than the one the state file names.
+    NotCurrentKey,
 }
 
 impl SealError {
@@ -86,6 +88,7 @@ impl SealError {
             Self::Inconsistent => "SEAL_STATE_INCONSISTENT",
             Self::State(_) => "SEAL_STATE_UNAVAILABLE",
             Self::Random => "RANDOM_FAILED",
+            Self::NotCurrentKey => "NOT_CURRENT_MASTER_KEY",
         }
     }
 }
@@ -112,6 +115,9 @@ impl SealError {
             }
             Self::State(_) => "the seal state file cannot be used; see the vault's log",
             Self::Random => "the system random source failed",
+            Self::NotCurrentKey => {
+                "the vault runs with a master key other than the one its seal state file names"
+            }
         }
     }
 }
@@ -141,6 +147,19 @@ pub struct SealState {
     pub share_digests: Vec<String>,
     /// The Ed25519 public key that signs the audit log (hex), for operators to publish.
     pub audit_public_key: String,
+    /// Master keys replaced by a rekey whose merchant keys may not all be re-wrapped yet, each
+    /// wrapped by the current master key. Empty outside a KEK rotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retiring: Vec<RetiringKey>,
+}
+
+/// A master key being retired: public check value, and the key wrapped by its successor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetiringKey {
+    pub key_check_value: String,
+    /// `MasterKey::wrap_retired` output, hex.
+    pub wrapped: String,
 }
 
 impl SealState {
@@ -163,16 +182,19 @@ impl SealState {
         Ok(Some(state))
     }
 
-    /// Writes the state file once: a temporary file is completed and flushed, then hard-linked
-    /// to its name, which fails if the name exists, so a second Init can never replace it.
-    fn store(&self, path: &Path) -> Result<(), SealError> {
+    /// Writes the state file. A temporary file is completed and flushed, then either
+    /// hard-linked to its name (`Write::Create`, which fails if the name exists, so a second
+    /// Init can never replace it) or renamed over it (`Write::Replace`, atomic: a crash leaves
+    /// the old state or the new, never a mix).
+    fn store(&self, path: &Path, how: Write) -> Result<(), SealError> {
         let io =
             |what: &str, err: std::io::Error| SealError::State(format!("{what} {}: {err}", path.display()));
         let text = toml::to_string(self).map_err(|err| SealError::State(err.to_string()))?;
         let text = format!(
             "# Tessera sealed-vault state. PUBLIC values only: no key, no share.\n\
-             # Written once by `tessera vault init`; delete it only to re-initialise (a new master\n\
-             # key, after which nothing encrypted under the old one can be read).\n{text}"
+             # Written by `tessera vault init` and replaced by `tessera vault rekey`; delete it only\n\
+             # to re-initialise (a new master key, after which nothing encrypted under the old one\n\
+             # can be read).\n{text}"
         );
         let dir = path
             .parent()
@@ -189,14 +211,28 @@ impl SealState {
         file.write_all(text.as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(|err| io("cannot write next to", err))?;
-        let linked = std::fs::hard_link(&temporary, path);
-        let _ = std::fs::remove_file(&temporary);
-        linked.map_err(|err| io("cannot create", err))?;
+        match how {
+            Write::Create => {
+                let linked = std::fs::hard_link(&temporary, path);
+                let _ = std::fs::remove_file(&temporary);
+                linked.map_err(|err| io("cannot create", err))?;
+            }
+            Write::Replace => {
+                std::fs::rename(&temporary, path).map_err(|err| io("cannot replace", err))?;
+            }
+        }
         if let Ok(dir) = std::fs::File::open(dir) {
             let _ = dir.sync_all();
         }
         Ok(())
     }
+}
+
+/// How [`SealState::store`] puts the file in place.
+#[derive(Debug, Clone, Copy)]
+enum Write {
+    Create,
+    Replace,
 }
 
 /// One share as submitted: its index (x) and the 32 share bytes (y), in zeroizing memory.
@@ -307,9 +343,11 @@ impl fmt::Debug for Initialized {
 pub enum Submitted {
     /// More shares are needed.
     Progress { have: u32, threshold: u32, index: u8 },
-    /// The threshold was reached: the rebuilt master key.
+    /// The threshold was reached: the rebuilt master key, and the master keys a rekey is
+    /// retiring (see [`SealedStart::rekey`]).
     Unsealed {
         key: MasterKey,
+        previous: Vec<MasterKey>,
         threshold: u32,
         index: u8,
     },
@@ -396,54 +434,83 @@ impl SealedStart {
         rng: &dyn SecureRandom,
         audit_public_key: impl FnOnce(&MasterKey) -> Result<String, SealError>,
     ) -> Result<Initialized, SealError> {
-        if !(2..=shares).contains(&threshold) || shares > MAX_SHARES {
-            return Err(SealError::BadParameters);
-        }
-        let threshold_u8 = u8::try_from(threshold).map_err(|_| SealError::BadParameters)?;
-        let count = usize::try_from(shares).map_err(|_| SealError::BadParameters)?;
         let mut inner = self.lock();
         // A state file that appeared behind our back (another process) counts too.
         if inner.state.is_some() || self.state_file.exists() {
             return Err(SealError::AlreadyInitialized);
         }
-        let mut secret = Zeroizing::new([0u8; KEY_LEN]);
-        rng.fill(secret.as_mut_slice()).map_err(|_| SealError::Random)?;
-        let mut source = RingRng { rng, failed: false };
-        let dealt: Vec<blahaj::Share> = blahaj::Sharks(threshold_u8)
-            .dealer_rng(secret.as_slice(), &mut source)
-            .take(count)
-            .collect();
-        if source.failed {
-            return Err(SealError::Random);
-        }
-        let master = MasterKey::new(SecretKey::from_bytes(secret));
-        let kcv = master.key_check_value();
-        let audit_public_key = audit_public_key(&master)?;
+        let (master, values) = deal(shares, threshold, rng)?;
+        let state = sealed_state(
+            &master,
+            &values,
+            threshold,
+            audit_public_key(&master)?,
+            Vec::new(),
+        );
         drop(master);
-        let mut values = Vec::with_capacity(count);
-        for share in &dealt {
-            let bytes = Zeroizing::new(Vec::from(share));
-            let (index, value) = bytes.split_first().ok_or(SealError::Random)?;
-            let value: &[u8; KEY_LEN] = value.try_into().map_err(|_| SealError::Random)?;
-            values.push(ShareValue {
-                index: *index,
-                value: Zeroizing::new(*value),
+        state.store(&self.state_file, Write::Create)?;
+        inner.state = Some(state.clone());
+        Ok(initialized(&values, state))
+    }
+
+    /// KEK rotation for a sealed vault (the rekey ceremony): creates a new master key inside
+    /// the vault, splits it into new shares and replaces the state file, in which `current` and
+    /// the `previous` keys it still holds are kept wrapped by the new key until
+    /// [`SealedStart::retire`]. The old shares stop working at once. Returns the new shares and
+    /// the new master key; the caller installs it.
+    pub fn rekey(
+        &self,
+        current: &MasterKey,
+        previous: &[&MasterKey],
+        shares: u32,
+        threshold: u32,
+        rng: &dyn SecureRandom,
+        audit_public_key: impl FnOnce(&MasterKey) -> Result<String, SealError>,
+    ) -> Result<(Initialized, MasterKey), SealError> {
+        let mut inner = self.lock();
+        let old = inner.state.as_ref().ok_or(SealError::NotInitialized)?;
+        if old.key_check_value != current.key_check_value() {
+            return Err(SealError::NotCurrentKey);
+        }
+        let (master, values) = deal(shares, threshold, rng)?;
+        let mut retiring: Vec<RetiringKey> = Vec::with_capacity(1 + previous.len());
+        for retired in std::iter::once(current).chain(previous.iter().copied()) {
+            let key_check_value = retired.key_check_value();
+            if retiring
+                .iter()
+                .any(|held| held.key_check_value == key_check_value)
+            {
+                continue;
+            }
+            let wrapped = master.wrap_retired(retired, rng).map_err(|_| SealError::Random)?;
+            retiring.push(RetiringKey {
+                key_check_value,
+                wrapped: hex(&wrapped),
             });
         }
-        let state = SealState {
-            format: STATE_FORMAT,
-            key_check_value: kcv.clone(),
-            threshold,
-            shares,
-            share_digests: values.iter().map(|share| share.digest(&kcv)).collect(),
-            audit_public_key,
-        };
-        state.store(&self.state_file)?;
+        let state = sealed_state(&master, &values, threshold, audit_public_key(&master)?, retiring);
+        state.store(&self.state_file, Write::Replace)?;
         inner.state = Some(state.clone());
-        Ok(Initialized {
-            shares: values.iter().map(|share| share.line(&kcv)).collect(),
-            state,
-        })
+        inner.progress = Progress::default();
+        Ok((initialized(&values, state), master))
+    }
+
+    /// Ends a KEK rotation: forgets the retiring master keys (once every merchant key is
+    /// re-wrapped by the current one). Returns their check values.
+    pub fn retire(&self, current: &MasterKey) -> Result<Vec<String>, SealError> {
+        let mut inner = self.lock();
+        let state = inner.state.as_ref().ok_or(SealError::NotInitialized)?;
+        if state.key_check_value != current.key_check_value() {
+            return Err(SealError::NotCurrentKey);
+        }
+        let mut next = state.clone();
+        let retired = std::mem::take(&mut next.retiring)
+            .into_iter()
+            .map(|key| key.key_check_value)
+            .collect();
+        next.store(&self.state_file, Write::Replace)?;
+        inner.state = Some(next);
+        Ok(retired)
     }
 
     /// Takes one share from `custodian`. Refused shares leave the progress untouched.
@@ -485,8 +552,18 @@ impl SealedStart {
         // checked on arrival, so a failure here means the state file itself was altered.)
         *progress = Progress::default();
         let key = key?;
+        let previous = state
+            .retiring
+            .iter()
+            .map(|retired| {
+                let blob = decode_hex::<WRAPPED_LEN>(&retired.wrapped).ok_or(SealError::Inconsistent)?;
+                key.unwrap_retired(&retired.key_check_value, &blob)
+                    .map_err(|_| SealError::Inconsistent)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Submitted::Unsealed {
             key,
+            previous,
             threshold: state.threshold,
             index,
         })
@@ -495,6 +572,70 @@ impl SealedStart {
     /// Forgets every share received so far (on Seal, or when the vault unsealed another way).
     pub fn reset(&self) {
         self.lock().progress = Progress::default();
+    }
+}
+
+/// Creates a master key and splits it into `shares` shares, any `threshold` of which rebuild it.
+fn deal(
+    shares: u32,
+    threshold: u32,
+    rng: &dyn SecureRandom,
+) -> Result<(MasterKey, Vec<ShareValue>), SealError> {
+    if !(2..=shares).contains(&threshold) || shares > MAX_SHARES {
+        return Err(SealError::BadParameters);
+    }
+    let threshold_u8 = u8::try_from(threshold).map_err(|_| SealError::BadParameters)?;
+    let count = usize::try_from(shares).map_err(|_| SealError::BadParameters)?;
+    let mut secret = Zeroizing::new([0u8; KEY_LEN]);
+    rng.fill(secret.as_mut_slice()).map_err(|_| SealError::Random)?;
+    let mut source = RingRng { rng, failed: false };
+    let dealt: Vec<blahaj::Share> = blahaj::Sharks(threshold_u8)
+        .dealer_rng(secret.as_slice(), &mut source)
+        .take(count)
+        .collect();
+    if source.failed {
+        return Err(SealError::Random);
+    }
+    let mut values = Vec::with_capacity(count);
+    for share in &dealt {
+        let bytes = Zeroizing::new(Vec::from(share));
+        let (index, value) = bytes.split_first().ok_or(SealError::Random)?;
+        let value: &[u8; KEY_LEN] = value.try_into().map_err(|_| SealError::Random)?;
+        values.push(ShareValue {
+            index: *index,
+            value: Zeroizing::new(*value),
+        });
+    }
+    Ok((MasterKey::new(SecretKey::from_bytes(secret)), values))
+}
+
+/// The public state of `master` split into `values`.
+fn sealed_state(
+    master: &MasterKey,
+    values: &[ShareValue],
+    threshold: u32,
+    audit_public_key: String,
+    retiring: Vec<RetiringKey>,
+) -> SealState {
+    let kcv = master.key_check_value();
+    SealState {
+        format: STATE_FORMAT,
+        threshold,
+        shares: u32::try_from(values.len()).unwrap_or(u32::MAX),
+        share_digests: values.iter().map(|share| share.digest(&kcv)).collect(),
+        audit_public_key,
+        retiring,
+        key_check_value: kcv,
+    }
+}
+
+fn initialized(values: &[ShareValue], state: SealState) -> Initialized {
+    Initialized {
+        shares: values
+            .iter()
+            .map(|share| share.line(&state.key_check_value))
+            .collect(),
+        state,
     }
 }
 
@@ -586,6 +727,61 @@ mod tests {
             let value = share.split_whitespace().last().unwrap();
             assert!(!text.contains(value));
         }
+        std::fs::remove_dir_all(sealed.state_file.parent().unwrap()).unwrap();
+    }
+
+    /// Submits shares until the vault unseals; returns the key and the retiring keys.
+    fn unseal_with(sealed: &SealedStart, shares: &[&str]) -> (MasterKey, Vec<MasterKey>) {
+        for share in shares {
+            if let Submitted::Unsealed { key, previous, .. } = sealed.submit("op", share).unwrap() {
+                return (key, previous);
+            }
+        }
+        panic!("still sealed");
+    }
+
+    #[test]
+    fn rekey_replaces_the_shares_and_keeps_the_old_key_until_retired() {
+        let rng = ring::rand::SystemRandom::new();
+        let (sealed, first) = init("rekey", 3, 2);
+        let (key1, previous) = unseal_with(&sealed, &[&first.shares[0], &first.shares[2]]);
+        assert!(previous.is_empty());
+        let stranger = MasterKey::new(SecretKey::generate(&rng).unwrap());
+        assert_eq!(
+            sealed
+                .rekey(&stranger, &[], 3, 2, &rng, |_| Ok("pk2".into()))
+                .unwrap_err(),
+            SealError::NotCurrentKey
+        );
+        let (second, key2) = sealed
+            .rekey(&key1, &[], 4, 3, &rng, |_| Ok("pk2".into()))
+            .unwrap();
+        assert_eq!(second.state.key_check_value, key2.key_check_value());
+        assert_ne!(key2.key_check_value(), key1.key_check_value());
+        assert_eq!(second.shares.len(), 4);
+        assert_eq!(second.state.retiring.len(), 1);
+
+        // After a restart the old shares are refused and the new ones bring back both keys.
+        let restarted = SealedStart::open(sealed.state_file.clone(), false).unwrap();
+        assert_eq!(
+            restarted.submit("op", &first.shares[1]).err(),
+            Some(SealError::WrongVault)
+        );
+        let (key, previous) = unseal_with(
+            &restarted,
+            &[&second.shares[3], &second.shares[0], &second.shares[1]],
+        );
+        assert_eq!(key.key_check_value(), key2.key_check_value());
+        assert_eq!(previous.len(), 1);
+        assert_eq!(previous[0].key_check_value(), key1.key_check_value());
+        let text = std::fs::read_to_string(&sealed.state_file).unwrap();
+        assert!(!text.contains(&first.state.share_digests[0]));
+
+        // Retiring forgets the old key for good.
+        assert_eq!(restarted.retire(&key).unwrap(), vec![key1.key_check_value()]);
+        let after = SealedStart::open(sealed.state_file.clone(), false).unwrap();
+        let (_, previous) = unseal_with(&after, &[&second.shares[0], &second.shares[1], &second.shares[2]]);
+        assert!(previous.is_empty());
         std::fs::remove_dir_all(sealed.state_file.parent().unwrap()).unwrap();
     }
 

@@ -13,9 +13,9 @@ use tessera_api::vault::{
     protect_result, reencrypt_result, reveal_result, rewrap_result, CreateKeysRequest, CreateKeysResponse,
     DataFacts, EchoRequest, EchoResponse, InitRequest, InitResponse, ItemError, KeyPurpose as ProtoPurpose,
     ProtectItem, ProtectRequest, ProtectResponse, ProtectResult, Protected, ReencryptItem, ReencryptRequest,
-    ReencryptResponse, ReencryptResult, Reencrypted, RevealItem, RevealRequest, RevealResponse, RevealResult,
-    Revealed, RewrapKeysRequest, RewrapKeysResponse, RewrapResult, SealResponse, StatusResponse, TokenFormat,
-    UnsealRequest, UnsealResponse, WrappedKey,
+    ReencryptResponse, ReencryptResult, Reencrypted, RekeyRequest, RekeyResponse, RetireMasterKeysResponse,
+    RevealItem, RevealRequest, RevealResponse, RevealResult, Revealed, RewrapKeysRequest, RewrapKeysResponse,
+    RewrapResult, SealResponse, StatusResponse, TokenFormat, UnsealRequest, UnsealResponse, WrappedKey,
 };
 use zeroize::Zeroizing;
 
@@ -133,16 +133,34 @@ pub struct VaultLimits {
 /// Where the master key comes from at start.
 #[derive(Debug)]
 pub enum KeySource {
-    /// Already loaded (the development key file).
-    Loaded(MasterKey),
+    /// Already loaded (the development key file), with any previous master keys a KEK
+    /// rotation is retiring (unwrap only).
+    Loaded {
+        master: MasterKey,
+        previous: Vec<MasterKey>,
+    },
     /// Sealed start: nothing is loaded until custodians unseal with key shares.
     Sealed(SealedStart),
 }
 
 /// The keys of an unsealed vault: dropped (and wiped) as one on Seal.
 struct Unsealed {
-    master: MasterKey,
+    /// Wraps and unwraps merchant keys.
+    master: Arc<MasterKey>,
+    /// Master keys a KEK rotation is retiring: they unwrap merchant keys not yet re-wrapped,
+    /// never wrap. Empty outside a rotation.
+    previous: Vec<Arc<MasterKey>>,
     cache: KeyCache,
+}
+
+impl Unsealed {
+    fn new(master: Arc<MasterKey>, previous: Vec<Arc<MasterKey>>, capacity: usize) -> Arc<Self> {
+        Arc::new(Unsealed {
+            master,
+            previous,
+            cache: KeyCache::new(capacity),
+        })
+    }
 }
 
 /// The vault: master key and key cache (while unsealed), CVC store, nonce sequence, random
@@ -156,9 +174,6 @@ pub struct Vault {
     facts: VaultFacts,
     limits: VaultLimits,
     audit: AuditLog,
-    /// Master keys being retired during a KEK rotation: used to unwrap keys not yet re-wrapped,
-    /// never to wrap. Empty outside a rotation.
-    previous_masters: Vec<MasterKey>,
 }
 
 impl fmt::Debug for Vault {
@@ -264,10 +279,11 @@ impl Vault {
             VaultError::new(code::INTERNAL, "RANDOM_FAILED", "the system random source failed")
         })?;
         let (keys, sealed_start) = match source {
-            KeySource::Loaded(master) => {
+            KeySource::Loaded { master, previous } => {
                 audit.set_signer(Some(signer_for(&master)?));
-                let cache = KeyCache::new(limits.key_cache_capacity);
-                (Some(Arc::new(Unsealed { master, cache })), None)
+                let previous = previous.into_iter().map(Arc::new).collect();
+                let keys = Unsealed::new(Arc::new(master), previous, limits.key_cache_capacity);
+                (Some(keys), None)
             }
             KeySource::Sealed(sealed) => (None, Some(sealed)),
         };
@@ -280,23 +296,15 @@ impl Vault {
             facts,
             limits,
             audit,
-            previous_masters: Vec::new(),
         })
-    }
-
-    /// Holds `keys` as previous master keys for a KEK rotation: merchant keys they wrapped
-    /// still unwrap (so traffic keeps flowing) and RewrapKeys moves them to the current key.
-    pub fn with_previous_master_keys(mut self, keys: Vec<MasterKey>) -> Self {
-        self.previous_masters = keys;
-        self
     }
 
     /// A data key, from the cache or unwrapped with the current master key or, during a KEK
     /// rotation, a previous one.
     fn data_key(&self, unsealed: &Unsealed, id: &KeyId, blob: &[u8]) -> Result<Arc<DataKey>, KeyError> {
         match unsealed.cache.data_key(&unsealed.master, id, blob) {
-            Err(err) if !self.previous_masters.is_empty() => self
-                .previous_masters
+            Err(err) if !unsealed.previous.is_empty() => unsealed
+                .previous
                 .iter()
                 .find_map(|master| unsealed.cache.data_key(master, id, blob).ok())
                 .ok_or(err),
@@ -312,8 +320,8 @@ impl Vault {
         blob: &[u8],
     ) -> Result<Arc<FingerprintKey>, KeyError> {
         match unsealed.cache.fingerprint_key(&unsealed.master, id, blob) {
-            Err(err) if !self.previous_masters.is_empty() => self
-                .previous_masters
+            Err(err) if !unsealed.previous.is_empty() => unsealed
+                .previous
                 .iter()
                 .find_map(|master| unsealed.cache.fingerprint_key(master, id, blob).ok())
                 .ok_or(err),
@@ -876,7 +884,7 @@ impl Vault {
         };
         let id = key_id(wrapped, purpose);
         let (key, from) = std::iter::once(&unsealed.master)
-            .chain(&self.previous_masters)
+            .chain(&unsealed.previous)
             .find_map(|master| {
                 master
                     .unwrap(&id, &wrapped.blob)
@@ -1022,14 +1030,18 @@ impl Vault {
             }
             Ok(Submitted::Unsealed {
                 key,
+                previous,
                 threshold,
                 index,
             }) => {
                 let signer = signer_for(&key)?;
                 let kcv = key.key_check_value();
-                let cache = KeyCache::new(self.limits.key_cache_capacity);
-                *self.keys.write().unwrap_or_else(PoisonError::into_inner) =
-                    Some(Arc::new(Unsealed { master: key, cache }));
+                let previous = previous.into_iter().map(Arc::new).collect();
+                *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Some(Unsealed::new(
+                    Arc::new(key),
+                    previous,
+                    self.limits.key_cache_capacity,
+                ));
                 let progress = format!("{threshold}/{threshold}");
                 batch.record(
                     "unseal-share",
@@ -1102,6 +1114,134 @@ impl Vault {
         Ok(SealResponse {})
     }
 
+    /// KEK rotation of a sealed vault (see [`SealedStart::rekey`]): a new master key and new
+    /// shares; the replaced key joins the retiring keys, and the audit key rolls over with a
+    /// record the old audit key signs.
+    pub fn rekey(&self, caller: &str, request: &RekeyRequest) -> Result<RekeyResponse, VaultError> {
+        let sealed = self.sealed_start()?;
+        let current = self.ready()?;
+        let mut batch = self.audit.batch(caller);
+        let from_kcv = current.master.key_check_value();
+        let shares = request.shares.to_string();
+        let threshold = request.threshold.to_string();
+        let mut next_signer = None;
+        let outcome = sealed.rekey(
+            &current.master,
+            &current.previous.iter().map(Arc::as_ref).collect::<Vec<_>>(),
+            request.shares,
+            request.threshold,
+            &self.rng,
+            |master| {
+                let signer = signer_for(master).map_err(|_| SealError::Random)?;
+                let public = signer.public_key_hex().to_owned();
+                next_signer = Some(signer);
+                Ok(public)
+            },
+        );
+        let (initialized, master) = match outcome {
+            Ok(done) => done,
+            Err(err) => {
+                if let SealError::State(why) = &err {
+                    tracing::error!(%why, "rekey failed");
+                }
+                batch.record(
+                    "rekey",
+                    err.reason(),
+                    &[
+                        ("from_kcv", &from_kcv),
+                        ("shares", &shares),
+                        ("threshold", &threshold),
+                    ],
+                );
+                let _ = self.commit(&batch);
+                return Err(VaultError::from(&err));
+            }
+        };
+        let signer = next_signer.ok_or(AUDIT_UNAVAILABLE)?;
+        let state = &initialized.state;
+        batch.record(
+            "rekey",
+            "ok",
+            &[
+                ("from_kcv", &from_kcv),
+                ("to_kcv", &state.key_check_value),
+                ("shares", &shares),
+                ("threshold", &threshold),
+                ("next_audit_key", signer.public_key_hex()),
+            ],
+        );
+        // The new key now exists only in these shares and this process: install it and hand
+        // the shares out even if the audit write failed (the log then refuses card data).
+        if self.commit(&batch).is_err() {
+            tracing::error!("the rekey record could not be written to the audit log");
+        }
+        let mut previous = vec![Arc::clone(&current.master)];
+        previous.extend(current.previous.iter().cloned());
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Some(Unsealed::new(
+            Arc::new(master),
+            previous,
+            self.limits.key_cache_capacity,
+        ));
+        // The old audit key signs the block holding the rekey record (which names the new audit
+        // key) before the new one takes over: a verifier follows the chain of keys.
+        self.audit.set_signer(Some(signer));
+        tracing::warn!(
+            caller,
+            from_key_check_value = %from_kcv,
+            key_check_value = %state.key_check_value,
+            "sealed vault rekeyed: new shares handed out once; run `tessera keys rewrap-all`, then `tessera vault retire-keys`"
+        );
+        Ok(RekeyResponse {
+            shares: initialized
+                .shares
+                .iter()
+                .map(|share| share.as_str().to_owned())
+                .collect(),
+            key_check_value: state.key_check_value.clone(),
+            retiring_key_check_values: state
+                .retiring
+                .iter()
+                .map(|key| key.key_check_value.clone())
+                .collect(),
+            threshold: state.threshold,
+            audit_public_key: state.audit_public_key.clone(),
+        })
+    }
+
+    /// Ends a KEK rotation of a sealed vault: the retiring master keys are forgotten (state
+    /// file and memory). Merchant keys still wrapped by one of them stop working, so this runs
+    /// after `RewrapKeys` has moved every one.
+    pub fn retire_master_keys(&self, caller: &str) -> Result<RetireMasterKeysResponse, VaultError> {
+        let sealed = self.sealed_start()?;
+        let current = self.ready()?;
+        let mut batch = self.audit.batch(caller);
+        let kcv = current.master.key_check_value();
+        match sealed.retire(&current.master) {
+            Ok(retired) => {
+                *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Some(Unsealed::new(
+                    Arc::clone(&current.master),
+                    Vec::new(),
+                    self.limits.key_cache_capacity,
+                ));
+                batch.record(
+                    "retire-master-keys",
+                    "ok",
+                    &[("kcv", &kcv), ("retired_kcvs", &retired.join(","))],
+                );
+                self.commit(&batch)?;
+                tracing::warn!(caller, retired = %retired.join(","), "retiring master keys forgotten");
+                Ok(RetireMasterKeysResponse {
+                    retired_key_check_values: retired,
+                })
+            }
+            Err(err) => {
+                batch.record("retire-master-keys", err.reason(), &[("kcv", &kcv)]);
+                let _ = self.commit(&batch);
+                Err(VaultError::from(&err))
+            }
+        }
+    }
+
     /// The vault's key, seal, audit and hardening state, for operators.
     pub fn status(&self) -> StatusResponse {
         let hardening = &self.facts.hardening;
@@ -1145,6 +1285,9 @@ impl Vault {
             } else {
                 audit.public_key
             },
+            retiring_key_check_values: keys.as_ref().map_or_else(Vec::new, |keys| {
+                keys.previous.iter().map(|key| key.key_check_value()).collect()
+            }),
         }
     }
 }
