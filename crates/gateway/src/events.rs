@@ -69,21 +69,7 @@ pub(crate) async fn insert_events(tx: &mut Tx<'_>, journals: &[&Journal]) -> Res
         .try_get("next")?;
     const ROWS: usize = 256;
     for (chunk_index, chunk) in events.chunks(ROWS).enumerate() {
-        let placeholders = (0..chunk.len())
-            .map(|row| {
-                let n = row * 6;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${})",
-                    n + 1,
-                    n + 2,
-                    n + 3,
-                    n + 4,
-                    n + 5,
-                    n + 6
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let placeholders = crate::store::values_rows(tx, chunk.len(), 6);
         let sql =
             format!("INSERT INTO events (seq, merchant_id, token, kind, at, detail) VALUES {placeholders}");
         let mut query = sqlx::query(&sql);
