@@ -229,7 +229,7 @@ async fn commit(conn: &mut AnyConnection, batch: Vec<Pending>) -> bool {
 
 /// Runs `ops` in one transaction and commits it; replies in `ops` order.
 async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteReply>, StoreError> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
+    let mut tx = conn.begin().await?;
     let mut replies: Vec<Option<WriteReply>> = vec![None; ops.len()];
     // Token inserts of the whole batch go in multi-row statements: two round trips for the
     // batch instead of two per token.

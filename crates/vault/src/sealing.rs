@@ -473,21 +473,18 @@ impl SealedStart {
             return Err(SealError::NotCurrentKey);
         }
         let (master, values) = deal(shares, threshold, rng)?;
-        let mut retiring: Vec<RetiringKey> = Vec::with_capacity(1 + previous.len());
-        for retired in std::iter::once(current).chain(previous.iter().copied()) {
-            let key_check_value = retired.key_check_value();
-            if retiring
-                .iter()
-                .any(|held| held.key_check_value == key_check_value)
-            {
-                continue;
-            }
-            let wrapped = master.wrap_retired(retired, rng).map_err(|_| SealError::Random)?;
-            retiring.push(RetiringKey {
-                key_check_value,
-                wrapped: hex(&wrapped),
-            });
-        }
+        // The new key is fresh, so `current` and the `previous` keys (the state's own retiring
+        // list) are all distinct.
+        let retiring = std::iter::once(current)
+            .chain(previous.iter().copied())
+            .map(|retired| {
+                let wrapped = master.wrap_retired(retired, rng).map_err(|_| SealError::Random)?;
+                Ok(RetiringKey {
+                    key_check_value: retired.key_check_value(),
+                    wrapped: hex(&wrapped),
+                })
+            })
+            .collect::<Result<Vec<_>, SealError>>()?;
         let state = sealed_state(&master, &values, threshold, audit_public_key(&master)?, retiring);
         state.store(&self.state_file, Write::Replace)?;
         inner.state = Some(state.clone());

@@ -257,6 +257,13 @@ fn missing_key(what: &str) -> ItemError {
     )
 }
 
+/// The audit public key (hex) that `master` derives, for the seal state file.
+fn audit_public_key_of(master: &MasterKey) -> Result<String, SealError> {
+    signer_for(master)
+        .map(|signer| signer.public_key_hex().to_owned())
+        .map_err(|_| SealError::Random)
+}
+
 fn signer_for(master: &MasterKey) -> Result<Arc<AuditSigner>, VaultError> {
     AuditSigner::from_master(master).map(Arc::new).map_err(|_| {
         VaultError::new(
@@ -327,6 +334,13 @@ impl Vault {
                 .ok_or(err),
             other => other,
         }
+    }
+
+    /// Makes `master` (with `previous` for unwrapping only) the vault's keys, with an empty key
+    /// cache. Calls in flight finish with the keys they started with.
+    fn install(&self, master: Arc<MasterKey>, previous: Vec<Arc<MasterKey>>) {
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) =
+            Some(Unsealed::new(master, previous, self.limits.key_cache_capacity));
     }
 
     /// The loaded keys, or `VAULT_SEALED`.
@@ -936,11 +950,7 @@ impl Vault {
     pub fn init(&self, caller: &str, request: &InitRequest) -> Result<InitResponse, VaultError> {
         let sealed = self.sealed_start()?;
         self.audit.check().map_err(|_| AUDIT_UNAVAILABLE)?;
-        let outcome = sealed.initialize(request.shares, request.threshold, &self.rng, |master| {
-            signer_for(master)
-                .map(|signer| signer.public_key_hex().to_owned())
-                .map_err(|_| SealError::Random)
-        });
+        let outcome = sealed.initialize(request.shares, request.threshold, &self.rng, audit_public_key_of);
         let mut batch = self.audit.batch(caller);
         let shares = request.shares.to_string();
         let threshold = request.threshold.to_string();
@@ -1036,12 +1046,7 @@ impl Vault {
             }) => {
                 let signer = signer_for(&key)?;
                 let kcv = key.key_check_value();
-                let previous = previous.into_iter().map(Arc::new).collect();
-                *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Some(Unsealed::new(
-                    Arc::new(key),
-                    previous,
-                    self.limits.key_cache_capacity,
-                ));
+                self.install(Arc::new(key), previous.into_iter().map(Arc::new).collect());
                 let progress = format!("{threshold}/{threshold}");
                 batch.record(
                     "unseal-share",
@@ -1124,19 +1129,13 @@ impl Vault {
         let from_kcv = current.master.key_check_value();
         let shares = request.shares.to_string();
         let threshold = request.threshold.to_string();
-        let mut next_signer = None;
         let outcome = sealed.rekey(
             &current.master,
             &current.previous.iter().map(Arc::as_ref).collect::<Vec<_>>(),
             request.shares,
             request.threshold,
             &self.rng,
-            |master| {
-                let signer = signer_for(master).map_err(|_| SealError::Random)?;
-                let public = signer.public_key_hex().to_owned();
-                next_signer = Some(signer);
-                Ok(public)
-            },
+            audit_public_key_of,
         );
         let (initialized, master) = match outcome {
             Ok(done) => done,
@@ -1157,7 +1156,7 @@ impl Vault {
                 return Err(VaultError::from(&err));
             }
         };
-        let signer = next_signer.ok_or(AUDIT_UNAVAILABLE)?;
+        let signer = signer_for(&master)?;
         let state = &initialized.state;
         batch.record(
             "rekey",
@@ -1177,11 +1176,7 @@ impl Vault {
         }
         let mut previous = vec![Arc::clone(&current.master)];
         previous.extend(current.previous.iter().cloned());
-        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Some(Unsealed::new(
-            Arc::new(master),
-            previous,
-            self.limits.key_cache_capacity,
-        ));
+        self.install(Arc::new(master), previous);
         // The old audit key signs the block holding the rekey record (which names the new audit
         // key) before the new one takes over: a verifier follows the chain of keys.
         self.audit.set_signer(Some(signer));
@@ -1218,11 +1213,7 @@ impl Vault {
         let kcv = current.master.key_check_value();
         match sealed.retire(&current.master) {
             Ok(retired) => {
-                *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Some(Unsealed::new(
-                    Arc::clone(&current.master),
-                    Vec::new(),
-                    self.limits.key_cache_capacity,
-                ));
+                self.install(Arc::clone(&current.master), Vec::new());
                 batch.record(
                     "retire-master-keys",
                     "ok",
