@@ -16,6 +16,7 @@ use crate::store::{
     apply_transition, insert_journal, select_token, values_rows, Backend, StoreError, StoredKey, TokenRecord,
     Transition, Tx, STATUS_ACTIVE, STATUS_CONSUMED, TOKEN_COLUMNS, TOKEN_COLUMN_COUNT,
 };
+use crate::wal_checkpoint::WalCheckpoints;
 
 /// Most writes one transaction carries; bounds the latency a batch adds and the statement size.
 const MAX_BATCH: usize = 512;
@@ -121,11 +122,16 @@ impl fmt::Debug for GroupCommit {
 impl GroupCommit {
     /// Starts the writers: one for SQLite (it has one writer anyway), a few for PostgreSQL so
     /// one batch's commit overlaps the next batch's statements.
-    pub async fn start(pool: AnyPool, backend: Backend) -> Result<Self, StoreError> {
+    /// `wal` is SQLite's checkpointing, which the writer restarts between batches.
+    pub async fn start(
+        pool: AnyPool,
+        backend: Backend,
+        wal: Option<WalCheckpoints>,
+    ) -> Result<Self, StoreError> {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let receiver = Arc::new(Mutex::new(receiver));
         for _ in 0..Self::writers(backend) {
-            tokio::spawn(writer(pool.clone(), Arc::clone(&receiver)));
+            tokio::spawn(writer(pool.clone(), Arc::clone(&receiver), wal.clone()));
         }
         Ok(Self { queue })
     }
@@ -155,7 +161,7 @@ impl GroupCommit {
 /// drops a connection's page cache whenever another connection has written, so a writer that
 /// moved between connections re-read the pages it had just written (a `pread` per page, 6% of
 /// the gateway's CPU). A connection that fails is replaced.
-async fn writer(pool: AnyPool, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>) {
+async fn writer(pool: AnyPool, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>, wal: Option<WalCheckpoints>) {
     let mut connection: Option<PoolConnection<Any>> = None;
     loop {
         let batch = {
@@ -187,6 +193,8 @@ async fn writer(pool: AnyPool, receiver: Arc<Mutex<mpsc::Receiver<Pending>>>) {
         if !commit(conn, batch).await && conn.ping().await.is_err() {
             tracing::warn!("the group-commit writer's connection failed; taking another");
             connection = None;
+        } else if let Some(wal) = &wal {
+            wal.restart_if_long(conn).await;
         }
     }
 }
@@ -266,7 +274,28 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
     // batches that touch the same rows wait for each other instead of deadlocking.
     let mut order: Vec<(usize, &WriteOp)> = ops.iter().copied().enumerate().collect();
     order.sort_by(|(_, a), (_, b)| row_key(a).cmp(&row_key(b)));
+    // Journal entries of plain uses (most detokenizes), inserted together: one multi-row
+    // statement instead of a savepoint and an insert per use. They are written before any
+    // other op's, so a token's entries keep the order of its changes.
+    let mut plain_uses: Vec<&Journal> = Vec::new();
     for (index, op) in order {
+        if let WriteOp::RecordUse {
+            journal,
+            consume: false,
+            retain_until: None,
+            cvc_token: None,
+        } = op
+        {
+            let used = mark_used(&mut tx, journal, false, None).await?;
+            if used {
+                plain_uses.push(journal);
+            }
+            if let Some(slot) = replies.get_mut(index) {
+                *slot = Some(WriteReply::Used(used));
+            }
+            continue;
+        }
+        insert_journals(&mut tx, &std::mem::take(&mut plain_uses)).await?;
         let reply = match op {
             WriteOp::InsertToken { record, .. } => WriteReply::Inserted(was_inserted(record)),
             WriteOp::InsertTokens { rows } => {
@@ -344,6 +373,7 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
             *slot = Some(reply);
         }
     }
+    insert_journals(&mut tx, &plain_uses).await?;
     tx.commit().await?;
     replies
         .into_iter()
@@ -463,7 +493,9 @@ async fn insert_journals(tx: &mut Tx<'_>, journals: &[&Journal]) -> Result<(), S
     Ok(())
 }
 
-/// See `Store::record_use`.
+/// See `Store::record_use`. A plain use (no consumption, no retention change, no CVC) is
+/// [`mark_used`] alone, with its journal entry left to the caller to insert with the batch's
+/// other plain uses; anything more runs here in a savepoint.
 async fn record_use(
     tx: &mut Tx<'_>,
     journal: &Journal,
@@ -474,39 +506,7 @@ async fn record_use(
     // A savepoint, so a use that turns out void (its CVC token was consumed meanwhile) leaves
     // no half-change inside the shared transaction.
     let mut savepoint = sqlx::Acquire::begin(&mut **tx).await?;
-    let used = sqlx::query(
-        "UPDATE tokens SET last_used_at = $1, retain_until = COALESCE($2, retain_until), \
-         status = CASE WHEN $3 = 1 THEN 'consumed' ELSE status END, \
-         ended_at = CASE WHEN $3 = 1 THEN $1 ELSE ended_at END, \
-         ciphertext = CASE WHEN $3 = 1 THEN NULL ELSE ciphertext END, \
-         fingerprint = CASE WHEN $3 = 1 THEN NULL ELSE fingerprint END \
-         WHERE merchant_id = $4 AND token = $5 AND status = 'active' \
-         AND ($3 = 1 OR $2 IS NOT NULL OR last_used_at IS NULL OR last_used_at <= $1 - $6)",
-    )
-    .bind(journal.at)
-    .bind(retain_until)
-    .bind(i64::from(consume))
-    .bind(&journal.merchant_id)
-    .bind(&journal.token)
-    .bind(LAST_USED_PRECISION_MS)
-    .execute(&mut *savepoint)
-    .await?
-    .rows_affected();
-    // A multi-use card token used again within a minute keeps its last_used_at: then nothing
-    // changes in the row, so repeated payments with one token do not queue on its row lock.
-    // Its use must still find it active.
-    let still_active = used == 1
-        || (!consume
-            && retain_until.is_none()
-            && sqlx::query(
-                "SELECT 1 AS one FROM tokens WHERE merchant_id = $1 AND token = $2 AND status = 'active'",
-            )
-            .bind(&journal.merchant_id)
-            .bind(&journal.token)
-            .fetch_optional(&mut *savepoint)
-            .await?
-            .is_some());
-    if !still_active {
+    if !mark_used(&mut savepoint, journal, consume, retain_until).await? {
         savepoint.rollback().await?;
         return Ok(false);
     }
@@ -539,4 +539,208 @@ async fn record_use(
     insert_journal(&mut savepoint, journal).await?;
     savepoint.commit().await?;
     Ok(true)
+}
+
+/// Marks the token of `journal` used (consumed, with a new retention end, or only its
+/// `last_used_at`) if it is active; `false`, with nothing changed, if it is not.
+async fn mark_used(
+    tx: &mut Tx<'_>,
+    journal: &Journal,
+    consume: bool,
+    retain_until: Option<UnixMillis>,
+) -> Result<bool, StoreError> {
+    let used = sqlx::query(
+        "UPDATE tokens SET last_used_at = $1, retain_until = COALESCE($2, retain_until), \
+         status = CASE WHEN $3 = 1 THEN 'consumed' ELSE status END, \
+         ended_at = CASE WHEN $3 = 1 THEN $1 ELSE ended_at END, \
+         ciphertext = CASE WHEN $3 = 1 THEN NULL ELSE ciphertext END, \
+         fingerprint = CASE WHEN $3 = 1 THEN NULL ELSE fingerprint END \
+         WHERE merchant_id = $4 AND token = $5 AND status = 'active' \
+         AND ($3 = 1 OR $2 IS NOT NULL OR last_used_at IS NULL OR last_used_at <= $1 - $6)",
+    )
+    .bind(journal.at)
+    .bind(retain_until)
+    .bind(i64::from(consume))
+    .bind(&journal.merchant_id)
+    .bind(&journal.token)
+    .bind(LAST_USED_PRECISION_MS)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    // A multi-use card token used again within a minute keeps its last_used_at: then nothing
+    // changes in the row, so repeated payments with one token do not queue on its row lock.
+    // Its use must still find it active.
+    Ok(used == 1
+        || (!consume
+            && retain_until.is_none()
+            && sqlx::query(
+                "SELECT 1 AS one FROM tokens WHERE merchant_id = $1 AND token = $2 AND status = 'active'",
+            )
+            .bind(&journal.merchant_id)
+            .bind(&journal.token)
+            .fetch_optional(&mut **tx)
+            .await?
+            .is_some()))
+}
+
+#[cfg(test)]
+mod tests {
+    // A failed setup step should stop the test where it happened.
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::store::{JournalEntry, Store, STATUS_DELETED};
+
+    const MERCHANT: &str = "m_batch";
+    const NOW: UnixMillis = 1_800_000_000_000;
+
+    fn record(token: &str) -> TokenRecord {
+        TokenRecord {
+            merchant_id: MERCHANT.into(),
+            token: token.into(),
+            kind: "card_on_file".into(),
+            data_type: "card".into(),
+            format: "opaque".into(),
+            brand: "VISA".into(),
+            first_six: "411111".into(),
+            last_four: "1111".into(),
+            expiry_month: 12,
+            expiry_year: 2030,
+            shopper_reference: "shopper-1".into(),
+            fingerprint: Some(vec![7; 32]),
+            fingerprint_key_version: 1,
+            ciphertext: Some(vec![9; 40]),
+            data_key_version: 1,
+            holds_cvc: false,
+            cvc_vault: String::new(),
+            status: STATUS_ACTIVE.into(),
+            created_at: NOW,
+            last_used_at: None,
+            ended_at: None,
+            expires_at: None,
+            retain_until: NOW + 1_000_000,
+            retention_extended_months: 0,
+        }
+    }
+
+    fn journal(token: &str, kind: &'static str, at: UnixMillis) -> Journal {
+        Journal {
+            merchant_id: MERCHANT.into(),
+            token: token.into(),
+            kind,
+            caller: "spiffe://tessera/test".into(),
+            at,
+            purpose: String::new(),
+            detail: String::new(),
+        }
+    }
+
+    fn plain_use(token: &str, at: UnixMillis) -> WriteOp {
+        WriteOp::RecordUse {
+            journal: journal(token, "DT", at),
+            consume: false,
+            retain_until: None,
+            cvc_token: None,
+        }
+    }
+
+    const DELETION: Transition = Transition {
+        from: &[STATUS_ACTIVE],
+        to: STATUS_DELETED,
+        destroy: true,
+        clear_deadline: false,
+    };
+
+    fn delete(token: &str, at: UnixMillis) -> WriteOp {
+        WriteOp::Transition {
+            change: DELETION,
+            journal: journal(token, "DL", at),
+        }
+    }
+
+    async fn store_with(dir: &tempfile::TempDir, tokens: &[&str]) -> Store {
+        let store = Store::open(&dir.path().join("batch.db").display().to_string())
+            .await
+            .unwrap();
+        let rows = tokens
+            .iter()
+            .map(|token| (record(token), journal(token, "TK", NOW)))
+            .collect();
+        store.insert_tokens(rows).await.unwrap();
+        store
+    }
+
+    fn kinds(history: &[crate::store::JournalRecord]) -> Vec<&str> {
+        history.iter().map(|entry| entry.kind.as_str()).collect()
+    }
+
+    /// Plain uses share one journal insert, but a token's entries still follow its changes: a
+    /// use before a deletion in the same batch is journalled before the deletion, and a use
+    /// after it finds the token gone and writes nothing.
+    #[tokio::test]
+    async fn plain_uses_in_a_batch_keep_each_tokens_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(&dir, &["tok_a", "tok_b", "tok_c"]).await;
+        let deleted = JournalEntry {
+            merchant_id: MERCHANT,
+            token: "tok_c",
+            kind: "DL",
+            caller: "spiffe://tessera/test",
+            at: NOW,
+            purpose: "",
+            detail: "",
+        };
+        store.transition(&DELETION, &deleted).await.unwrap().unwrap();
+        let ops = [
+            plain_use("tok_a", NOW + 1),
+            delete("tok_a", NOW + 2),
+            plain_use("tok_b", NOW + 3),
+            plain_use("tok_c", NOW + 4),
+        ];
+        let mut conn = store.pool().acquire().await.unwrap();
+        let replies = run(&mut conn, &ops.iter().collect::<Vec<_>>()).await.unwrap();
+        assert!(matches!(
+            replies.as_slice(),
+            [
+                WriteReply::Used(true),
+                WriteReply::Record(Some(_)),
+                WriteReply::Used(true),
+                WriteReply::Used(false)
+            ]
+        ));
+        assert_eq!(
+            kinds(&store.history(MERCHANT, "tok_a").await.unwrap()),
+            ["TK", "DT", "DL"]
+        );
+        assert_eq!(
+            kinds(&store.history(MERCHANT, "tok_b").await.unwrap()),
+            ["TK", "DT"]
+        );
+        assert_eq!(
+            kinds(&store.history(MERCHANT, "tok_c").await.unwrap()),
+            ["TK", "DL"]
+        );
+        let used = store.token(MERCHANT, "tok_b").await.unwrap().unwrap();
+        assert_eq!(used.last_used_at, Some(NOW + 3));
+    }
+
+    /// A token used again within `LAST_USED_PRECISION_MS` keeps its `last_used_at` and is
+    /// still journalled.
+    #[tokio::test]
+    async fn a_repeated_plain_use_is_journalled_without_rewriting_the_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(&dir, &["tok_a"]).await;
+        let ops = [plain_use("tok_a", NOW + 1), plain_use("tok_a", NOW + 2)];
+        let mut conn = store.pool().acquire().await.unwrap();
+        let replies = run(&mut conn, &ops.iter().collect::<Vec<_>>()).await.unwrap();
+        assert!(replies
+            .iter()
+            .all(|reply| matches!(reply, WriteReply::Used(true))));
+        assert_eq!(
+            kinds(&store.history(MERCHANT, "tok_a").await.unwrap()),
+            ["TK", "DT", "DT"]
+        );
+        let used = store.token(MERCHANT, "tok_a").await.unwrap().unwrap();
+        assert_eq!(used.last_used_at, Some(NOW + 1));
+    }
 }

@@ -25,3 +25,4 @@ pub mod validate;
 mod vault_batcher;
 pub mod vault_client;
 mod vault_pool;
+pub mod wal_checkpoint;

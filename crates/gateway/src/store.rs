@@ -9,6 +9,7 @@ use sqlx::{AnyPool, Row};
 
 use crate::clock::UnixMillis;
 use crate::group_commit::{GroupCommit, Journal, WriteOp, WriteReply};
+use crate::wal_checkpoint::WalCheckpoints;
 
 /// A storage failure. Messages name tables and operations, never card data.
 #[derive(Debug)]
@@ -263,10 +264,12 @@ impl Store {
             .run(&pool)
             .await
             .map_err(|err| StoreError::Open(err.to_string()))?;
-        let writer = GroupCommit::start(pool.clone(), backend).await?;
-        if backend == Backend::Sqlite {
-            tokio::spawn(checkpoint_wal(pool.clone()));
-        }
+        let wal = (backend == Backend::Sqlite).then(|| {
+            let wal = WalCheckpoints::default();
+            wal.spawn_background(pool.clone());
+            wal
+        });
+        let writer = GroupCommit::start(pool.clone(), backend, wal).await?;
         Ok(Self {
             pool,
             writer,
@@ -734,9 +737,9 @@ pub(crate) async fn insert_journal(tx: &mut Tx<'_>, entry: &Journal) -> Result<(
 /// SQLite settings for many concurrent durable writes (documented in docs/storage.md):
 /// - WAL: readers never block the writer and the writer never blocks readers.
 /// - synchronous = FULL: a commit is on disk before any request it carries is answered.
-/// - wal_autocheckpoint = 0: the writer never stalls on a checkpoint; `checkpoint_wal` runs
-///   passive checkpoints in the background instead.
-/// - journal_size_limit: the WAL file is truncated back to 64 MiB after checkpoints.
+/// - wal_autocheckpoint = 0: the writer never stalls copying pages; `WalCheckpoints` copies
+///   them in the background and has the writer start the WAL over once it is 32 MiB long.
+/// - journal_size_limit: a WAL file that grew past 64 MiB anyway is truncated back.
 /// - cache_size = -65536: 64 MiB of page cache per connection.
 /// - busy_timeout: a writer briefly locked out (the sweeper, a second gateway) waits instead
 ///   of failing.
@@ -747,9 +750,13 @@ const SQLITE_PRAGMAS: &[&str] = &[
     "PRAGMA journal_size_limit = 67108864",
     "PRAGMA cache_size = -65536",
     "PRAGMA temp_store = MEMORY",
-    "PRAGMA busy_timeout = 10000",
+    SQLITE_BUSY_TIMEOUT,
     "PRAGMA foreign_keys = ON",
 ];
+
+/// How long a connection waits out another's lock; the writer's WAL restart shortens it for
+/// one statement and puts this back.
+pub(crate) const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 10000";
 
 /// Read connections: enough for the machine's cores to be busy, with headroom for queries
 /// waiting on the network (PostgreSQL) or on the disk.
@@ -760,19 +767,4 @@ fn read_pool_size(backend: Backend) -> u32 {
         Backend::Postgres => 4,
     };
     u32::try_from(cores * per_core).unwrap_or(8).clamp(4, 64)
-}
-
-/// Runs a passive WAL checkpoint every second: it copies committed pages into the database
-/// without blocking readers or the writer, so the WAL stays short and reads stay fast.
-async fn checkpoint_wal(pool: AnyPool) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tick.tick().await;
-        if pool.is_closed() {
-            return;
-        }
-        if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
-            tracing::debug!(error = %err, "WAL checkpoint failed; will retry");
-        }
-    }
 }
