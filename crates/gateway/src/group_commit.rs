@@ -258,44 +258,29 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
         let inserted = InsertedRows::from(insert_tokens(&mut tx, chunk).await?);
         for (index, record, _) in chunk {
             if let Some(slot) = replies.get_mut(*index) {
-                *slot = Some(WriteReply::Inserted(inserted.contains(record)));
+                *slot = Some(WriteReply::Inserted(inserted.contains_record(record)));
             }
         }
         let journals: Vec<&Journal> = chunk
             .iter()
-            .filter(|(_, record, _)| inserted.contains(record))
+            .filter(|(_, record, _)| inserted.contains_record(record))
             .map(|(_, _, journal)| *journal)
             .collect();
         insert_journals(&mut tx, &journals).await?;
         inserted_rows.extend(inserted);
     }
-    let was_inserted = |record: &TokenRecord| inserted_rows.contains(record);
+    let was_inserted = |record: &TokenRecord| inserted_rows.contains_record(record);
     // Row updates run in one order (by merchant and token) in every batch, so two writers'
-    // batches that touch the same rows wait for each other instead of deadlocking.
-    let mut order: Vec<(usize, &WriteOp)> = ops.iter().copied().enumerate().collect();
+    // batches that touch the same rows wait for each other instead of deadlocking. Plain uses
+    // come after them, set-based (see `mark_used_together`).
+    let mut order: Vec<(usize, &WriteOp)> = ops
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, op)| plain_use(op).is_none())
+        .collect();
     order.sort_by(|(_, a), (_, b)| row_key(a).cmp(&row_key(b)));
-    // Journal entries of plain uses (most detokenizes), inserted together: one multi-row
-    // statement instead of a savepoint and an insert per use. They are written before any
-    // other op's, so a token's entries keep the order of its changes.
-    let mut plain_uses: Vec<&Journal> = Vec::new();
     for (index, op) in order {
-        if let WriteOp::RecordUse {
-            journal,
-            consume: false,
-            retain_until: None,
-            cvc_token: None,
-        } = op
-        {
-            let used = mark_used(&mut tx, journal, false, None).await?;
-            if used {
-                plain_uses.push(journal);
-            }
-            if let Some(slot) = replies.get_mut(index) {
-                *slot = Some(WriteReply::Used(used));
-            }
-            continue;
-        }
-        insert_journals(&mut tx, &std::mem::take(&mut plain_uses)).await?;
         let reply = match op {
             WriteOp::InsertToken { record, .. } => WriteReply::Inserted(was_inserted(record)),
             WriteOp::InsertTokens { rows } => {
@@ -373,7 +358,25 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
             *slot = Some(reply);
         }
     }
-    insert_journals(&mut tx, &plain_uses).await?;
+    let plain_uses: Vec<(usize, &Journal)> = ops
+        .iter()
+        .enumerate()
+        .filter_map(|(index, op)| plain_use(op).map(|journal| (index, journal)))
+        .collect();
+    if !plain_uses.is_empty() {
+        let active = mark_used_together(&mut tx, plain_uses.iter().map(|(_, journal)| *journal)).await?;
+        let mut journals = Vec::with_capacity(plain_uses.len());
+        for (index, journal) in plain_uses {
+            let used = active.contains(&journal.merchant_id, &journal.token);
+            if used {
+                journals.push(journal);
+            }
+            if let Some(slot) = replies.get_mut(index) {
+                *slot = Some(WriteReply::Used(used));
+            }
+        }
+        insert_journals(&mut tx, &journals).await?;
+    }
     tx.commit().await?;
     replies
         .into_iter()
@@ -381,8 +384,8 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
         .collect()
 }
 
-/// (merchant, token) of the rows an INSERT created, sorted so a lookup is a binary search: a
-/// batch of n rows checks each of them, which a linear scan made O(n²).
+/// (merchant, token) of the rows a statement created or found, sorted so a lookup is a binary
+/// search: a batch of n rows checks each of them, which a linear scan made O(n²).
 #[derive(Default)]
 struct InsertedRows(Vec<(String, String)>);
 
@@ -394,10 +397,15 @@ impl From<Vec<(String, String)>> for InsertedRows {
 }
 
 impl InsertedRows {
-    fn contains(&self, record: &TokenRecord) -> bool {
-        let wanted = (record.merchant_id.as_str(), record.token.as_str());
+    fn contains_record(&self, record: &TokenRecord) -> bool {
+        self.contains(&record.merchant_id, &record.token)
+    }
+
+    fn contains(&self, merchant_id: &str, token: &str) -> bool {
         self.0
-            .binary_search_by(|(merchant, token)| (merchant.as_str(), token.as_str()).cmp(&wanted))
+            .binary_search_by(|(merchant, row_token)| {
+                (merchant.as_str(), row_token.as_str()).cmp(&(merchant_id, token))
+            })
             .is_ok()
     }
 
@@ -405,6 +413,91 @@ impl InsertedRows {
         self.0.extend(other.0);
         self.0.sort_unstable();
     }
+}
+
+/// The journal entry of a plain use: a detokenize that neither consumes the token, nor moves
+/// its retention, nor returns a CVC (most of them).
+fn plain_use(op: &WriteOp) -> Option<&Journal> {
+    match op {
+        WriteOp::RecordUse {
+            journal,
+            consume: false,
+            retain_until: None,
+            cvc_token: None,
+        } => Some(journal),
+        _ => None,
+    }
+}
+
+/// Marks the tokens of a batch's plain uses used, two statements for the whole batch rather
+/// than two per use; returns those that are active (and so may be used).
+///
+/// `last_used_at` changes only when it is unset or a minute old, as in [`mark_used`], so a
+/// token paid with again and again is not rewritten each time. The update takes each row's lock
+/// with `SKIP LOCKED` on PostgreSQL: it never waits, so it cannot close a deadlock with another
+/// gateway's batch (its ordered updates above are the only ones that wait), and a row locked
+/// elsewhere is left to the check below, like a row used within the minute. That check is a
+/// plain read of the latest committed state, as for a single use.
+async fn mark_used_together<'a>(
+    tx: &mut Tx<'_>,
+    journals: impl Iterator<Item = &'a Journal>,
+) -> Result<InsertedRows, StoreError> {
+    // A token used twice in one batch keeps its earliest use.
+    let mut uses: Vec<(&str, &str, UnixMillis)> = journals
+        .map(|journal| (journal.merchant_id.as_str(), journal.token.as_str(), journal.at))
+        .collect();
+    uses.sort_unstable();
+    uses.dedup_by(|later, earlier| (later.0, later.1) == (earlier.0, earlier.1));
+    let lock = if (**tx).backend_name() == "PostgreSQL" {
+        " ORDER BY 1, 2 FOR UPDATE OF tokens SKIP LOCKED"
+    } else {
+        ""
+    };
+    let mut active = Vec::with_capacity(uses.len());
+    for chunk in uses.chunks(ROWS_PER_INSERT) {
+        let values = values_rows(tx, chunk.len(), 3);
+        let sql = format!(
+            "WITH v(m, t, at) AS (VALUES {values}), \
+             stale(sm, st, sat) AS (SELECT tokens.merchant_id, tokens.token, v.at FROM tokens \
+             JOIN v ON tokens.merchant_id = v.m AND tokens.token = v.t \
+             WHERE tokens.status = 'active' \
+             AND (tokens.last_used_at IS NULL OR tokens.last_used_at <= v.at - {LAST_USED_PRECISION_MS}){lock}) \
+             UPDATE tokens SET last_used_at = stale.sat FROM stale \
+             WHERE merchant_id = stale.sm AND token = stale.st RETURNING merchant_id, token"
+        );
+        let mut query = sqlx::query(&sql);
+        for (merchant_id, token, at) in chunk {
+            query = query.bind(*merchant_id).bind(*token).bind(*at);
+        }
+        let updated = InsertedRows::from(merchant_tokens(query.fetch_all(&mut **tx).await?)?);
+        let unchanged: Vec<&(&str, &str, UnixMillis)> = chunk
+            .iter()
+            .filter(|(merchant_id, token, _)| !updated.contains(merchant_id, token))
+            .collect();
+        active.extend(updated.0);
+        if unchanged.is_empty() {
+            continue;
+        }
+        let values = values_rows(tx, unchanged.len(), 2);
+        let sql = format!(
+            "WITH v(m, t) AS (VALUES {values}) SELECT tokens.merchant_id, tokens.token FROM tokens \
+             JOIN v ON tokens.merchant_id = v.m AND tokens.token = v.t WHERE tokens.status = 'active'"
+        );
+        let mut query = sqlx::query(&sql);
+        for (merchant_id, token, _) in unchanged {
+            query = query.bind(*merchant_id).bind(*token);
+        }
+        active.extend(merchant_tokens(query.fetch_all(&mut **tx).await?)?);
+    }
+    Ok(InsertedRows::from(active))
+}
+
+/// (merchant_id, token) of each row.
+fn merchant_tokens(rows: Vec<sqlx::any::AnyRow>) -> Result<Vec<(String, String)>, StoreError> {
+    rows.iter()
+        .map(|row| Ok((row.try_get("merchant_id")?, row.try_get("token")?)))
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(StoreError::from)
 }
 
 /// The token row an op updates first, for a consistent lock order.
@@ -459,12 +552,7 @@ async fn insert_tokens(
             .bind(record.retain_until)
             .bind(i64::from(record.retention_extended_months));
     }
-    let inserted = query.fetch_all(&mut **tx).await?;
-    inserted
-        .iter()
-        .map(|row| Ok((row.try_get("merchant_id")?, row.try_get("token")?)))
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(StoreError::from)
+    merchant_tokens(query.fetch_all(&mut **tx).await?)
 }
 
 async fn insert_journals(tx: &mut Tx<'_>, journals: &[&Journal]) -> Result<(), StoreError> {
@@ -674,11 +762,12 @@ mod tests {
         history.iter().map(|entry| entry.kind.as_str()).collect()
     }
 
-    /// Plain uses share one journal insert, but a token's entries still follow its changes: a
-    /// use before a deletion in the same batch is journalled before the deletion, and a use
-    /// after it finds the token gone and writes nothing.
+    /// Plain uses of a batch are marked together, after the batch's other changes: a use
+    /// batched with a deletion of its token finds it deleted and writes nothing, so a token's
+    /// journal entries always follow its changes; a token deleted earlier is refused; the
+    /// others are journalled and marked used.
     #[tokio::test]
-    async fn plain_uses_in_a_batch_keep_each_tokens_order() {
+    async fn plain_uses_in_a_batch_follow_its_other_changes() {
         let dir = tempfile::tempdir().unwrap();
         let store = store_with(&dir, &["tok_a", "tok_b", "tok_c"]).await;
         let deleted = JournalEntry {
@@ -702,7 +791,7 @@ mod tests {
         assert!(matches!(
             replies.as_slice(),
             [
-                WriteReply::Used(true),
+                WriteReply::Used(false),
                 WriteReply::Record(Some(_)),
                 WriteReply::Used(true),
                 WriteReply::Used(false)
@@ -710,7 +799,7 @@ mod tests {
         ));
         assert_eq!(
             kinds(&store.history(MERCHANT, "tok_a").await.unwrap()),
-            ["TK", "DT", "DL"]
+            ["TK", "DL"]
         );
         assert_eq!(
             kinds(&store.history(MERCHANT, "tok_b").await.unwrap()),
@@ -722,6 +811,30 @@ mod tests {
         );
         let used = store.token(MERCHANT, "tok_b").await.unwrap().unwrap();
         assert_eq!(used.last_used_at, Some(NOW + 3));
+    }
+
+    /// Uses a minute apart move `last_used_at`; uses within the minute keep it and are still
+    /// journalled, in one batch or in the next.
+    #[tokio::test]
+    async fn last_used_at_moves_once_a_minute() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(&dir, &["tok_a"]).await;
+        let mut conn = store.pool().acquire().await.unwrap();
+        let minute = LAST_USED_PRECISION_MS;
+        for (at, last_used_at) in [
+            (NOW + 5, NOW + 5),
+            (NOW + minute, NOW + 5),
+            (NOW + minute + 5, NOW + minute + 5),
+        ] {
+            let replies = run(&mut conn, &[&plain_use("tok_a", at)]).await.unwrap();
+            assert!(matches!(replies.as_slice(), [WriteReply::Used(true)]));
+            let record = store.token(MERCHANT, "tok_a").await.unwrap().unwrap();
+            assert_eq!(record.last_used_at, Some(last_used_at), "after a use at {at}");
+        }
+        assert_eq!(
+            kinds(&store.history(MERCHANT, "tok_a").await.unwrap()),
+            ["TK", "DT", "DT", "DT"]
+        );
     }
 
     /// A token used again within `LAST_USED_PRECISION_MS` keeps its `last_used_at` and is

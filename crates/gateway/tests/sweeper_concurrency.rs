@@ -13,98 +13,12 @@
     clippy::indexing_slicing
 )]
 
-use std::io::Write as _;
+mod support;
+
 use std::time::Duration;
 
-use sqlx::{Connection as _, Executor as _};
-use tessera_gateway::store::{JournalEntry, Store, TokenRecord, STATUS_ACTIVE};
-
-fn due_record(index: usize) -> TokenRecord {
-    TokenRecord {
-        merchant_id: "m1".into(),
-        token: format!("tok_{index:026}"),
-        kind: "card_on_file".into(),
-        data_type: "card".into(),
-        format: "opaque".into(),
-        brand: "VISA".into(),
-        first_six: "411111".into(),
-        last_four: "1111".into(),
-        expiry_month: 1,
-        expiry_year: 2020,
-        shopper_reference: "shopper-1".into(),
-        fingerprint: Some(vec![1; 32]),
-        fingerprint_key_version: 1,
-        ciphertext: Some(vec![2; 64]),
-        data_key_version: 1,
-        holds_cvc: false,
-        cvc_vault: String::new(),
-        status: STATUS_ACTIVE.into(),
-        created_at: 0,
-        last_used_at: None,
-        ended_at: None,
-        expires_at: None,
-        retain_until: 1_000,
-        retention_extended_months: 0,
-    }
-}
-
-/// Maintenance connections tried in order (see tests/common/mod.rs, which this mirrors).
-const POSTGRES_MAINTENANCE_URLS: [&str; 2] = [
-    "postgres://postgres@127.0.0.1:5432/test?sslmode=disable",
-    "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable",
-];
-
-/// A fresh PostgreSQL database for one test, named like the end-to-end harness's
-/// (`tessera_t_<pid>_...`) so a run killed before `drop` leaves nothing the harness's stale
-/// sweep would not remove.
-struct PostgresDatabase {
-    maintenance: &'static str,
-    name: String,
-}
-
-impl PostgresDatabase {
-    /// `None` (after a `SKIPPED` notice) when no server answers, unless
-    /// `TESSERA_REQUIRE_POSTGRES=1`, which makes that a failure.
-    async fn create(test: &str) -> Option<Self> {
-        for maintenance in POSTGRES_MAINTENANCE_URLS {
-            let Ok(Ok(mut connection)) =
-                tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(maintenance)).await
-            else {
-                continue;
-            };
-            let name = format!("tessera_t_{}_{test}", std::process::id());
-            connection
-                .execute(format!("CREATE DATABASE \"{name}\"").as_str())
-                .await
-                .unwrap();
-            connection.close().await.unwrap();
-            return Some(Self { maintenance, name });
-        }
-        assert!(
-            std::env::var("TESSERA_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-            "no PostgreSQL at 127.0.0.1:5432 but TESSERA_REQUIRE_POSTGRES=1 requires it ({test})"
-        );
-        // Straight to stderr, past the test harness's capture, so the skip is seen.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED (no PostgreSQL at 127.0.0.1:5432): {test}"
-        );
-        None
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:5432/{}?sslmode=disable", self.name)
-    }
-
-    async fn drop(self) {
-        let mut connection = sqlx::PgConnection::connect(self.maintenance).await.unwrap();
-        connection
-            .execute(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name).as_str())
-            .await
-            .unwrap();
-        connection.close().await.unwrap();
-    }
-}
+use support::{due_record, PostgresDatabase};
+use tessera_gateway::store::{JournalEntry, Store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sweepers_expire_each_token_once_sqlite() {
