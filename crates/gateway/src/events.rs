@@ -1,15 +1,11 @@
-//! Durable token events. Each is written in the same transaction as the journal entry of the
-//! change that caused it, numbered in commit order, and followed by subscribers from a
-//! sequence number on (`SubscribeEvents`).
+//! Durable token events, followed by subscribers from a sequence number on
+//! (`SubscribeEvents`).
 //!
-//! Commit order matters: a subscriber that has seen sequence N must never later find an event
-//! numbered below N. With several writers (several gateways on PostgreSQL) an identity column
-//! would hand out numbers in insert order, not commit order, so a slow transaction could commit
-//! number 7 after 8 was already read. Instead each transaction that writes events takes one
-//! transaction-scoped lock, numbers its events after the current maximum and keeps the lock
-//! until it commits: event numbers are assigned in commit order. (SQLite has one writer at a
-//! time anyway, and numbers rows by itself.) The lock is taken at a transaction's first event and held until it commits,
-//! so it serialises only the tail of group-commit batches that carry events.
+//! The database writes them: a trigger on the journal (`journal_writes_events`, migrations
+//! `0004_events_by_trigger.sql`) inserts an event for each journal entry whose kind is one, in
+//! the same transaction, numbered in commit order (on PostgreSQL under a transaction-scoped
+//! advisory lock; SQLite has one writer). So no code path can journal a change and forget its
+//! event, and a batch pays no statement for its events. This module reads them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,81 +19,12 @@ use tonic::Status;
 use crate::api::Gateway;
 use crate::clock::UnixMillis;
 use crate::error::ApiError;
-use crate::group_commit::Journal;
-use crate::store::{Store, StoreError, Tx};
+use crate::store::{Store, StoreError};
 
-/// Any constant works: it only has to be the same in every gateway.
-const EVENT_LOCK_KEY: i64 = 0x7e55_e7a0;
 /// Events read per query while catching up.
 const PAGE: i64 = 500;
 /// How often a caught-up subscriber looks for new events.
 const POLL: Duration = Duration::from_millis(200);
-
-/// The event a journal entry of this kind stands for, if any (a detokenize or an
-/// authorisation report is journalled but is not an event).
-pub fn event_kind(journal_kind: &str) -> Option<&'static str> {
-    match journal_kind {
-        "TK" => Some("TOKEN_CREATED"),
-        "CONFIRM" => Some("TOKEN_CONFIRMED"),
-        "DL" => Some("TOKEN_DELETED"),
-        "EXPIRE" => Some("TOKEN_EXPIRED"),
-        "EXTEND" => Some("RETENTION_EXTENDED"),
-        "BLOCK" => Some("CARD_BLOCKED"),
-        "UNBLOCK" => Some("CARD_UNBLOCKED"),
-        _ => None,
-    }
-}
-
-/// Writes the events of these journal entries inside the caller's transaction.
-pub(crate) async fn insert_events(tx: &mut Tx<'_>, journals: &[&Journal]) -> Result<(), StoreError> {
-    let events: Vec<(&Journal, &'static str)> = journals
-        .iter()
-        .filter_map(|journal| event_kind(journal.kind).map(|kind| (*journal, kind)))
-        .collect();
-    if events.is_empty() {
-        return Ok(());
-    }
-    let postgres = (**tx).backend_name() == "PostgreSQL";
-    // SQLite has one writer, so rows inserted without a number take `seq` = MAX(seq) + 1 in
-    // commit order by themselves (`seq` is the rowid): no lock and no query for the maximum,
-    // one statement round trip less per batch. PostgreSQL numbers them under the lock.
-    let next = if postgres {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(EVENT_LOCK_KEY)
-            .execute(&mut **tx)
-            .await?;
-        let next: i64 = sqlx::query("SELECT COALESCE(MAX(seq), 0) + 1 AS next FROM events")
-            .fetch_one(&mut **tx)
-            .await?
-            .try_get("next")?;
-        Some(next)
-    } else {
-        None
-    };
-    const ROWS: usize = 256;
-    for (chunk_index, chunk) in events.chunks(ROWS).enumerate() {
-        let (columns, seq_column) = if next.is_some() { (6, "seq, ") } else { (5, "") };
-        let placeholders = crate::store::values_rows(tx, chunk.len(), columns);
-        let sql = format!(
-            "INSERT INTO events ({seq_column}merchant_id, token, kind, at, detail) VALUES {placeholders}"
-        );
-        let mut query = sqlx::query(&sql);
-        let offset = chunk_index * ROWS;
-        for (index, (journal, kind)) in chunk.iter().enumerate() {
-            if let Some(next) = next {
-                query = query.bind(next + i64::try_from(offset + index).unwrap_or(i64::MAX));
-            }
-            query = query
-                .bind(journal.merchant_id.clone())
-                .bind(journal.token.clone())
-                .bind(*kind)
-                .bind(journal.at)
-                .bind(journal.detail.clone());
-        }
-        query.execute(&mut **tx).await?;
-    }
-    Ok(())
-}
 
 /// An event as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

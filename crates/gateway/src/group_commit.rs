@@ -271,13 +271,14 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
     }
     let was_inserted = |record: &TokenRecord| inserted_rows.contains_record(record);
     // Row updates run in one order (by merchant and token) in every batch, so two writers'
-    // batches that touch the same rows wait for each other instead of deadlocking. Plain uses
-    // come after them, set-based (see `mark_used_together`).
+    // batches that touch the same rows wait for each other instead of deadlocking. On SQLite,
+    // plain uses come after them, set-based (see `mark_used_together`).
+    let set_based_uses = (*tx).backend_name() != "PostgreSQL";
     let mut order: Vec<(usize, &WriteOp)> = ops
         .iter()
         .copied()
         .enumerate()
-        .filter(|(_, op)| plain_use(op).is_none())
+        .filter(|(_, op)| !(set_based_uses && plain_use(op).is_some()))
         .collect();
     order.sort_by(|(_, a), (_, b)| row_key(a).cmp(&row_key(b)));
     for (index, op) in order {
@@ -315,6 +316,18 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
             }
             WriteOp::ReportAuthorization(report) => {
                 WriteReply::Reported(crate::retry_guard::apply(&mut tx, report).await?)
+            }
+            WriteOp::RecordUse {
+                journal,
+                consume: false,
+                retain_until: None,
+                cvc_token: None,
+            } => {
+                let used = mark_used(&mut tx, journal, false, None).await?;
+                if used {
+                    insert_journal(&mut tx, journal).await?;
+                }
+                WriteReply::Used(used)
             }
             WriteOp::RecordUse {
                 journal,
@@ -361,6 +374,7 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
     let plain_uses: Vec<(usize, &Journal)> = ops
         .iter()
         .enumerate()
+        .filter(|_| set_based_uses)
         .filter_map(|(index, op)| plain_use(op).map(|journal| (index, journal)))
         .collect();
     if !plain_uses.is_empty() {
@@ -434,14 +448,14 @@ fn plain_use(op: &WriteOp) -> Option<&Journal> {
 }
 
 /// Marks the tokens of a batch's plain uses used, two statements for the whole batch rather
-/// than two per use; returns those that are active (and so may be used).
+/// than two per use; returns those that are active (and so may be used). SQLite only: there
+/// the batch is the only writer, so what it reads cannot be changing underneath it. On
+/// PostgreSQL another gateway's transaction may be deleting a token right then; each use there
+/// takes its row lock in the batch's key order instead ([`mark_used`]), which a set-based
+/// statement cannot do without risking deadlocks between batches.
 ///
 /// `last_used_at` changes only when it is unset or a minute old, as in [`mark_used`], so a
-/// token paid with again and again is not rewritten each time. The update takes each row's lock
-/// with `SKIP LOCKED` on PostgreSQL: it never waits, so it cannot close a deadlock with another
-/// gateway's batch (its ordered updates above are the only ones that wait), and a row locked
-/// elsewhere is left to the check below, like a row used within the minute. That check is a
-/// plain read of the latest committed state, as for a single use.
+/// token paid with again and again is not rewritten each time.
 async fn mark_used_together<'a>(
     tx: &mut Tx<'_>,
     journals: impl Iterator<Item = &'a Journal>,
@@ -452,10 +466,9 @@ async fn mark_used_together<'a>(
         .collect();
     uses.sort_unstable();
     uses.dedup_by(|later, earlier| (later.0, later.1) == (earlier.0, earlier.1));
-    let postgres = (**tx).backend_name() == "PostgreSQL";
     let mut active = Vec::with_capacity(uses.len());
     for chunk in uses.chunks(ROWS_PER_INSERT) {
-        let sql = mark_stale_used_sql(&values_rows(tx, chunk.len(), 3), postgres);
+        let sql = mark_stale_used_sql(&values_rows(tx, chunk.len(), 3));
         let mut query = sqlx::query(&sql);
         for (merchant_id, token, at) in chunk {
             query = query.bind(*merchant_id).bind(*token).bind(*at);
@@ -482,22 +495,16 @@ async fn mark_used_together<'a>(
 // Both statements name `v` first in a CROSS JOIN: SQLite then looks each (merchant, token) up
 // by primary key. Left to itself SQLite 3.46 walked every active token through the
 // `tokens_by_retention` index and scanned `v` for each, which took 0.5 s per batch once the
-// table held 100,000 tokens. (PostgreSQL plans a CROSS JOIN with conditions as a join.)
+// table held 100,000 tokens.
 
 /// Sets `last_used_at` of the active tokens in `values` (merchant, token, at) whose last use
-/// is a minute old, returning their (merchant_id, token). On PostgreSQL it locks them in key
-/// order and skips rows another transaction holds.
-fn mark_stale_used_sql(values: &str, postgres: bool) -> String {
-    let lock = if postgres {
-        " ORDER BY 1, 2 FOR UPDATE OF tokens SKIP LOCKED"
-    } else {
-        ""
-    };
+/// is a minute old, returning their (merchant_id, token).
+fn mark_stale_used_sql(values: &str) -> String {
     format!(
         "WITH v(m, t, at) AS (VALUES {values}), \
          stale(sm, st, sat) AS (SELECT tokens.merchant_id, tokens.token, v.at FROM v CROSS JOIN tokens \
          WHERE tokens.merchant_id = v.m AND tokens.token = v.t AND tokens.status = 'active' \
-         AND (tokens.last_used_at IS NULL OR tokens.last_used_at <= v.at - {LAST_USED_PRECISION_MS}){lock}) \
+         AND (tokens.last_used_at IS NULL OR tokens.last_used_at <= v.at - {LAST_USED_PRECISION_MS})) \
          UPDATE tokens SET last_used_at = stale.sat FROM stale \
          WHERE merchant_id = stale.sm AND token = stale.st RETURNING merchant_id, token"
     )
@@ -596,7 +603,6 @@ async fn insert_journals(tx: &mut Tx<'_>, journals: &[&Journal]) -> Result<(), S
         }
         query.execute(&mut **tx).await?;
     }
-    crate::events::insert_events(tx, journals).await?;
     Ok(())
 }
 
@@ -675,19 +681,24 @@ async fn mark_used(
     .await?
     .rows_affected();
     // A multi-use card token used again within a minute keeps its last_used_at: then nothing
-    // changes in the row, so repeated payments with one token do not queue on its row lock.
-    // Its use must still find it active.
+    // changes in the row, so repeated payments with one token do not queue on each other. Its
+    // use must still find it active. On PostgreSQL `FOR SHARE` waits for a transaction that is
+    // changing the row (another gateway deleting the token) and then reads what it committed,
+    // so a use never follows a deletion it did not see; uses share the lock among themselves.
+    let check = if (**tx).backend_name() == "PostgreSQL" {
+        "SELECT 1 AS one FROM tokens WHERE merchant_id = $1 AND token = $2 AND status = 'active' FOR SHARE"
+    } else {
+        "SELECT 1 AS one FROM tokens WHERE merchant_id = $1 AND token = $2 AND status = 'active'"
+    };
     Ok(used == 1
         || (!consume
             && retain_until.is_none()
-            && sqlx::query(
-                "SELECT 1 AS one FROM tokens WHERE merchant_id = $1 AND token = $2 AND status = 'active'",
-            )
-            .bind(&journal.merchant_id)
-            .bind(&journal.token)
-            .fetch_optional(&mut **tx)
-            .await?
-            .is_some()))
+            && sqlx::query(check)
+                .bind(&journal.merchant_id)
+                .bind(&journal.token)
+                .fetch_optional(&mut **tx)
+                .await?
+                .is_some()))
 }
 
 #[cfg(test)]
@@ -865,7 +876,7 @@ mod tests {
         let mut conn = store.pool().acquire().await.unwrap();
         let rows = 64;
         for (sql, columns) in [
-            (mark_stale_used_sql(&vec!["(?, ?, ?)"; rows].join(", "), false), 3),
+            (mark_stale_used_sql(&vec!["(?, ?, ?)"; rows].join(", ")), 3),
             (active_of_sql(&vec!["(?, ?)"; rows].join(", ")), 2),
         ] {
             let explain = format!("EXPLAIN QUERY PLAN {sql}");

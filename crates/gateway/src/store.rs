@@ -730,7 +730,6 @@ pub(crate) async fn insert_journal(tx: &mut Tx<'_>, entry: &Journal) -> Result<(
     .bind(&entry.detail)
     .execute(&mut **tx)
     .await?;
-    crate::events::insert_events(tx, &[entry]).await?;
     Ok(())
 }
 
