@@ -18,6 +18,9 @@ use tessera_api::v1::{Card, Initiator, Purpose, RecurringModel, ShopperInteracti
 use tessera_gateway::group_commit::Journal;
 use tessera_gateway::purpose::check_purpose;
 use tessera_gateway::store::{Store, TokenRecord};
+
+#[path = "../tests/support/mod.rs"]
+mod support;
 use tessera_gateway::validate;
 
 fn validation(c: &mut Criterion) {
@@ -52,32 +55,7 @@ fn validation(c: &mut Criterion) {
 fn record(counter: &AtomicU64) -> (TokenRecord, Journal) {
     let n = counter.fetch_add(1, Ordering::Relaxed);
     let token = format!("tok_{n:026}");
-    let record = TokenRecord {
-        merchant_id: "m_bench".into(),
-        token: token.clone(),
-        kind: "card_on_file".into(),
-        data_type: "card".into(),
-        format: "opaque".into(),
-        brand: "VISA".into(),
-        first_six: "411111".into(),
-        last_four: "1111".into(),
-        expiry_month: 12,
-        expiry_year: 2031,
-        shopper_reference: "shopper-1".into(),
-        fingerprint: Some(vec![7; 32]),
-        fingerprint_key_version: 1,
-        ciphertext: Some(vec![9; 96]),
-        data_key_version: 1,
-        holds_cvc: false,
-        cvc_vault: String::new(),
-        status: "active".into(),
-        created_at: 1,
-        last_used_at: None,
-        ended_at: None,
-        expires_at: None,
-        retain_until: i64::MAX,
-        retention_extended_months: 0,
-    };
+    let record = support::card_record("m_bench", &token);
     let journal = Journal {
         merchant_id: "m_bench".into(),
         token,

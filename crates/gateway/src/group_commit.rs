@@ -253,9 +253,9 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
             _ => Vec::new(),
         })
         .collect();
-    let mut inserted_rows = InsertedRows::default();
+    let mut inserted_rows = TokenKeys::default();
     for chunk in inserts.chunks(ROWS_PER_INSERT) {
-        let inserted = InsertedRows::from(insert_tokens(&mut tx, chunk).await?);
+        let inserted = TokenKeys::from(insert_tokens(&mut tx, chunk).await?);
         for (index, record, _) in chunk {
             if let Some(slot) = replies.get_mut(*index) {
                 *slot = Some(WriteReply::Inserted(inserted.contains_record(record)));
@@ -273,7 +273,7 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
     // Row updates run in one order (by merchant and token) in every batch, so two writers'
     // batches that touch the same rows wait for each other instead of deadlocking. On SQLite,
     // plain uses come after them, set-based (see `mark_used_together`).
-    let set_based_uses = (*tx).backend_name() != "PostgreSQL";
+    let set_based_uses = Backend::of_connection(&tx) == Backend::Sqlite;
     let mut order: Vec<(usize, &WriteOp)> = ops
         .iter()
         .copied()
@@ -317,12 +317,8 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
             WriteOp::ReportAuthorization(report) => {
                 WriteReply::Reported(crate::retry_guard::apply(&mut tx, report).await?)
             }
-            WriteOp::RecordUse {
-                journal,
-                consume: false,
-                retain_until: None,
-                cvc_token: None,
-            } => {
+            // PostgreSQL's plain uses, one by one in key order (see `mark_used_together`).
+            WriteOp::RecordUse { journal, .. } if plain_use(op).is_some() => {
                 let used = mark_used(&mut tx, journal, false, None).await?;
                 if used {
                     insert_journal(&mut tx, journal).await?;
@@ -371,12 +367,14 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
             *slot = Some(reply);
         }
     }
-    let plain_uses: Vec<(usize, &Journal)> = ops
-        .iter()
-        .enumerate()
-        .filter(|_| set_based_uses)
-        .filter_map(|(index, op)| plain_use(op).map(|journal| (index, journal)))
-        .collect();
+    let plain_uses: Vec<(usize, &Journal)> = if set_based_uses {
+        ops.iter()
+            .enumerate()
+            .filter_map(|(index, op)| plain_use(op).map(|journal| (index, journal)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     if !plain_uses.is_empty() {
         let active = mark_used_together(&mut tx, plain_uses.iter().map(|(_, journal)| *journal)).await?;
         let mut journals = Vec::with_capacity(plain_uses.len());
@@ -402,19 +400,19 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
         .collect()
 }
 
-/// (merchant, token) of the rows a statement created or found, sorted so a lookup is a binary
-/// search: a batch of n rows checks each of them, which a linear scan made O(n²).
+/// (merchant, token) of the rows a statement inserted, updated or found, sorted so a lookup is
+/// a binary search: a batch of n rows checks each of them, which a linear scan made O(n²).
 #[derive(Default)]
-struct InsertedRows(Vec<(String, String)>);
+struct TokenKeys(Vec<(String, String)>);
 
-impl From<Vec<(String, String)>> for InsertedRows {
+impl From<Vec<(String, String)>> for TokenKeys {
     fn from(mut rows: Vec<(String, String)>) -> Self {
         rows.sort_unstable();
         Self(rows)
     }
 }
 
-impl InsertedRows {
+impl TokenKeys {
     fn contains_record(&self, record: &TokenRecord) -> bool {
         self.contains(&record.merchant_id, &record.token)
     }
@@ -427,7 +425,7 @@ impl InsertedRows {
             .is_ok()
     }
 
-    fn extend(&mut self, other: InsertedRows) {
+    fn extend(&mut self, other: TokenKeys) {
         self.0.extend(other.0);
         self.0.sort_unstable();
     }
@@ -459,7 +457,7 @@ fn plain_use(op: &WriteOp) -> Option<&Journal> {
 async fn mark_used_together<'a>(
     tx: &mut Tx<'_>,
     journals: impl Iterator<Item = &'a Journal>,
-) -> Result<InsertedRows, StoreError> {
+) -> Result<TokenKeys, StoreError> {
     // A token used twice in one batch keeps its earliest use.
     let mut uses: Vec<(&str, &str, UnixMillis)> = journals
         .map(|journal| (journal.merchant_id.as_str(), journal.token.as_str(), journal.at))
@@ -473,7 +471,7 @@ async fn mark_used_together<'a>(
         for (merchant_id, token, at) in chunk {
             query = query.bind(*merchant_id).bind(*token).bind(*at);
         }
-        let updated = InsertedRows::from(merchant_tokens(query.fetch_all(&mut **tx).await?)?);
+        let updated = TokenKeys::from(merchant_tokens(query.fetch_all(&mut **tx).await?)?);
         let unchanged: Vec<&(&str, &str, UnixMillis)> = chunk
             .iter()
             .filter(|(merchant_id, token, _)| !updated.contains(merchant_id, token))
@@ -489,7 +487,7 @@ async fn mark_used_together<'a>(
         }
         active.extend(merchant_tokens(query.fetch_all(&mut **tx).await?)?);
     }
-    Ok(InsertedRows::from(active))
+    Ok(TokenKeys::from(active))
 }
 
 // Both statements name `v` first in a CROSS JOIN: SQLite then looks each (merchant, token) up
@@ -685,7 +683,7 @@ async fn mark_used(
     // use must still find it active. On PostgreSQL `FOR SHARE` waits for a transaction that is
     // changing the row (another gateway deleting the token) and then reads what it committed,
     // so a use never follows a deletion it did not see; uses share the lock among themselves.
-    let check = if (**tx).backend_name() == "PostgreSQL" {
+    let check = if Backend::of_connection(tx) == Backend::Postgres {
         "SELECT 1 AS one FROM tokens WHERE merchant_id = $1 AND token = $2 AND status = 'active' FOR SHARE"
     } else {
         "SELECT 1 AS one FROM tokens WHERE merchant_id = $1 AND token = $2 AND status = 'active'"

@@ -155,6 +155,15 @@ impl Backend {
             Self::Sqlite
         }
     }
+
+    /// The backend of an open connection (or transaction), for SQL that differs between them.
+    pub(crate) fn of_connection(conn: &sqlx::AnyConnection) -> Self {
+        if conn.backend_name() == "PostgreSQL" {
+            Self::Postgres
+        } else {
+            Self::Sqlite
+        }
+    }
 }
 
 /// The gateway's database: a pool for reads and a group-commit writer for writes.
@@ -648,7 +657,7 @@ impl Store {
 /// parameter list, so binding a statement of n parameters costs O(n²): at 256 rows × 24 columns
 /// that scan took three quarters of the gateway's CPU during bulk import. PostgreSQL needs `$N`.
 pub(crate) fn values_rows(tx: &Tx<'_>, rows: usize, columns: usize) -> String {
-    let numbered = (**tx).backend_name() == "PostgreSQL";
+    let numbered = Backend::of_connection(tx) == Backend::Postgres;
     let mut out = String::with_capacity(rows * columns * 6);
     for row in 0..rows {
         out.push_str(if row == 0 { "(" } else { ", (" });

@@ -1,5 +1,5 @@
-//! What the gateway's storage tests share: token records and a fresh PostgreSQL database per
-//! test.
+//! What the gateway's storage tests (and its benches, by `#[path]`) share: token records and
+//! a fresh PostgreSQL database per test.
 // Each test file uses its own part of this module.
 #![allow(dead_code)]
 
@@ -9,34 +9,45 @@ use std::time::Duration;
 use sqlx::{Connection as _, Executor as _};
 use tessera_gateway::store::{TokenRecord, STATUS_ACTIVE};
 
-/// An active card-on-file token of merchant `m1` whose card expired in January 2020 and whose
-/// retention ended at 1,000 ms: due for the sweeper.
-pub fn due_record(index: usize) -> TokenRecord {
+/// An active card-on-file token of a Visa card expiring in December 2031, retained for good.
+pub fn card_record(merchant_id: &str, token: &str) -> TokenRecord {
     TokenRecord {
-        merchant_id: "m1".into(),
-        token: format!("tok_{index:026}"),
+        merchant_id: merchant_id.into(),
+        token: token.into(),
         kind: "card_on_file".into(),
         data_type: "card".into(),
         format: "opaque".into(),
         brand: "VISA".into(),
         first_six: "411111".into(),
         last_four: "1111".into(),
-        expiry_month: 1,
-        expiry_year: 2020,
+        expiry_month: 12,
+        expiry_year: 2031,
         shopper_reference: "shopper-1".into(),
-        fingerprint: Some(vec![1; 32]),
+        fingerprint: Some(vec![7; 32]),
         fingerprint_key_version: 1,
-        ciphertext: Some(vec![2; 64]),
+        ciphertext: Some(vec![9; 96]),
         data_key_version: 1,
         holds_cvc: false,
         cvc_vault: String::new(),
         status: STATUS_ACTIVE.into(),
-        created_at: 0,
+        created_at: 1,
         last_used_at: None,
         ended_at: None,
         expires_at: None,
-        retain_until: 1_000,
+        retain_until: i64::MAX,
         retention_extended_months: 0,
+    }
+}
+
+/// An active card-on-file token of merchant `m1` whose card expired in January 2020 and whose
+/// retention ended at 1,000 ms: due for the sweeper.
+pub fn due_record(index: usize) -> TokenRecord {
+    TokenRecord {
+        expiry_month: 1,
+        expiry_year: 2020,
+        created_at: 0,
+        retain_until: 1_000,
+        ..card_record("m1", &format!("tok_{index:026}"))
     }
 }
 
