@@ -15,13 +15,14 @@
 pub mod requests;
 pub mod stream;
 
+use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -146,11 +147,51 @@ where
     output
 }
 
-/// A port that was free a moment ago. Another process may take it before the server binds
-/// it; with the kernel handing out ephemeral ports in sequence that is rare enough for tests.
+/// A port that was free a moment ago and that no other stack of this test process was given.
+/// The tests of one binary run in parallel in one process (cargo runs the binaries one after
+/// another), and the kernel may hand a released ephemeral port out again: two stacks once got
+/// the same port, and a test's client reached the other test's gateway (`BadSignature`: a CA it
+/// did not trust). Remembering every port handed out rules that out; another process taking
+/// the port before the server binds it is caught by `wait_until_listening`.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local address").port()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(PoisonError::into_inner);
+    // Bounded: a fresh ephemeral port is almost always new; the range has thousands.
+    for _ in 0..1000 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = listener.local_addr().expect("local address").port();
+        if given.insert(port) {
+            return port;
+        }
+    }
+    panic!("no ephemeral port left that this test process has not handed out");
+}
+
+/// Whether process `pid` holds a socket listening on TCP `port`, from the kernel's socket
+/// tables and the process's file descriptors. Where `/proc` cannot be read, assume so.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = fs::read_to_string("/proc/net/tcp") else {
+        return true;
+    };
+    let table = table + &fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+    // Columns: sl, local address (hex address:port), remote address, state (0A: LISTEN), ...,
+    // inode.
+    let wanted = format!(":{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| {
+            fields.get(1).is_some_and(|local| local.ends_with(&wanted)) && fields.get(3) == Some(&"0A")
+        })
+        .filter_map(|fields| fields.get(9).map(|inode| format!("socket:[{inode}]")))
+        .collect();
+    let Ok(descriptors) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return true;
+    };
+    descriptors.flatten().any(|descriptor| {
+        fs::read_link(descriptor.path())
+            .is_ok_and(|target| inodes.iter().any(|inode| target.as_os_str() == inode.as_str()))
+    })
 }
 
 /// A development PKI made by `tessera certs init` in its own temporary directory, so every
@@ -763,7 +804,8 @@ impl Stack {
                     self.all_logs()
                 );
             }
-            if TcpStream::connect_timeout(&addr, READY_POLL).is_ok() {
+            // Listening, and by this process: not by another that took the port first.
+            if TcpStream::connect_timeout(&addr, READY_POLL).is_ok() && listens_on(child.id(), addr.port()) {
                 return;
             }
             if Instant::now() >= deadline {
