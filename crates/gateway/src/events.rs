@@ -5,8 +5,9 @@
 //! `0004_events_by_trigger.sql`, on PostgreSQL once per statement since
 //! `0005_events_per_statement.sql`) inserts an event for each journal entry whose kind is one,
 //! in the same transaction, numbered in commit order (on PostgreSQL under a
-//! transaction-scoped advisory lock; SQLite has one writer). So no code path can journal a change and forget its
-//! event, and a batch pays no statement for its events. This module reads them.
+//! transaction-scoped advisory lock; SQLite has one writer). So no code path can journal a
+//! change and forget its event, and a batch pays no statement for its events. This module
+//! reads them.
 
 use std::sync::Arc;
 use std::time::Duration;

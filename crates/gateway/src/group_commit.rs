@@ -274,12 +274,14 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
     // batches that touch the same rows wait for each other instead of deadlocking. On SQLite,
     // plain uses come after them, set-based (see `mark_used_together`).
     let set_based_uses = Backend::of_connection(&tx) == Backend::Sqlite;
-    let mut order: Vec<(usize, &WriteOp)> = ops
-        .iter()
-        .copied()
-        .enumerate()
-        .filter(|(_, op)| !(set_based_uses && plain_use(op).is_some()))
-        .collect();
+    let mut order: Vec<(usize, &WriteOp)> = Vec::with_capacity(ops.len());
+    let mut plain_uses: Vec<(usize, &Journal)> = Vec::new();
+    for (index, op) in ops.iter().copied().enumerate() {
+        match plain_use(op) {
+            Some(journal) if set_based_uses => plain_uses.push((index, journal)),
+            _ => order.push((index, op)),
+        }
+    }
     order.sort_by(|(_, a), (_, b)| row_key(a).cmp(&row_key(b)));
     for (index, op) in order {
         let reply = match op {
@@ -367,14 +369,6 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
             *slot = Some(reply);
         }
     }
-    let plain_uses: Vec<(usize, &Journal)> = if set_based_uses {
-        ops.iter()
-            .enumerate()
-            .filter_map(|(index, op)| plain_use(op).map(|journal| (index, journal)))
-            .collect()
-    } else {
-        Vec::new()
-    };
     if !plain_uses.is_empty() {
         let active = mark_used_together(&mut tx, plain_uses.iter().map(|(_, journal)| *journal)).await?;
         let mut journals = Vec::with_capacity(plain_uses.len());

@@ -93,8 +93,8 @@ impl WalCheckpoints {
         Ok(())
     }
 
-    /// Called by the writer between transactions: when the WAL has grown past
-    /// its limit ([`RESTART_AFTER_FRAMES`]), copies what is left and waits briefly for readers, so that
+    /// Called by the writer between transactions: when the WAL has grown past its limit
+    /// ([`RESTART_AFTER_FRAMES`]), copies what is left and waits briefly for readers, so that
     /// the writer's next transaction starts the WAL over. Does nothing while the background
     /// checkpoint runs; its result decides the next attempt.
     pub async fn restart_if_long(&self, conn: &mut AnyConnection) {
@@ -105,8 +105,7 @@ impl WalCheckpoints {
             return;
         };
         let started = std::time::Instant::now();
-        let outcome = restart(conn).await;
-        match outcome {
+        match restart(conn).await {
             Ok(outcome) => {
                 // A busy restart is retried after the next background pass, not after every
                 // batch, so readers that hold on cannot stall the writer batch after batch.
@@ -214,26 +213,29 @@ mod tests {
         writer
     }
 
-    #[tokio::test]
-    async fn the_writer_starts_a_long_wal_over() {
+    /// Frames in the WAL after one more write on a partly copied WAL of 80-odd frames that
+    /// restarts past `limit`, with or without the writer's check in between.
+    async fn frames_after_a_write(limit: i64, writer_checks: bool) -> i64 {
         let dir = tempfile::tempdir().unwrap();
         let pool = pool(&dir).await;
-        let wal = WalCheckpoints::restarting_after(LIMIT);
+        let wal = WalCheckpoints::restarting_after(limit);
         let mut writer = partly_copied_wal(&pool, &wal).await;
-        wal.restart_if_long(&mut writer).await;
+        if writer_checks {
+            wal.restart_if_long(&mut writer).await;
+        }
         write_pages(&mut writer, 1).await;
-        let frames = wal_frames(&mut writer).await;
+        wal_frames(&mut writer).await
+    }
+
+    #[tokio::test]
+    async fn the_writer_starts_a_long_wal_over() {
+        let frames = frames_after_a_write(LIMIT, true).await;
         assert!(frames < LIMIT, "the WAL did not start over: {frames} frames");
     }
 
     #[tokio::test]
     async fn without_the_restart_the_wal_keeps_growing() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = pool(&dir).await;
-        let wal = WalCheckpoints::restarting_after(LIMIT);
-        let mut writer = partly_copied_wal(&pool, &wal).await;
-        write_pages(&mut writer, 1).await;
-        let frames = wal_frames(&mut writer).await;
+        let frames = frames_after_a_write(LIMIT, false).await;
         assert!(
             frames > 80,
             "expected the WAL to keep its 80-odd frames, found {frames}"
@@ -242,12 +244,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_short_wal_is_left_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = pool(&dir).await;
-        let wal = WalCheckpoints::restarting_after(1_000);
-        let mut writer = partly_copied_wal(&pool, &wal).await;
-        wal.restart_if_long(&mut writer).await;
-        write_pages(&mut writer, 1).await;
-        assert!(wal_frames(&mut writer).await > 80);
+        assert!(frames_after_a_write(1_000, true).await > 80);
     }
 }

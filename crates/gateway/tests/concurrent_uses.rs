@@ -11,8 +11,8 @@
 
 mod support;
 
-use support::{due_record, PostgresDatabase};
-use tessera_gateway::store::{JournalEntry, Store, Transition, STATUS_ACTIVE, STATUS_DELETED};
+use support::{due_record, journal_entry, PostgresDatabase};
+use tessera_gateway::store::{Store, Transition, STATUS_ACTIVE, STATUS_DELETED};
 
 const TOKENS: usize = 40;
 /// Deleted before the uses start.
@@ -32,18 +32,6 @@ const DELETION: Transition = Transition {
 
 fn token(index: usize) -> String {
     due_record(index).token
-}
-
-fn entry<'a>(token: &'a str, kind: &'static str, at: i64) -> JournalEntry<'a> {
-    JournalEntry {
-        merchant_id: "m1",
-        token,
-        kind,
-        caller: "test",
-        at,
-        purpose: "",
-        detail: "",
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +57,7 @@ async fn concurrent_uses_are_journalled_once_each(database: &str) {
     let rows = (0..TOKENS)
         .map(|index| {
             let record = due_record(index);
-            let journal = (&entry(&record.token, "TK", START)).into();
+            let journal = (&journal_entry(&record.token, "TK", START)).into();
             (record, journal)
         })
         .collect();
@@ -82,7 +70,7 @@ async fn concurrent_uses_are_journalled_once_each(database: &str) {
     for index in 0..DELETED_BEFORE {
         let token = token(index);
         first
-            .transition(&DELETION, &entry(&token, "DL", START))
+            .transition(&DELETION, &journal_entry(&token, "DL", START))
             .await
             .unwrap()
             .unwrap();
@@ -99,7 +87,7 @@ async fn concurrent_uses_are_journalled_once_each(database: &str) {
             let token = token(index % TOKENS);
             let at = START + 1 + i64::try_from(index).unwrap();
             let used = store
-                .record_use(&entry(&token, "DT", at), false, None, None)
+                .record_use(&journal_entry(&token, "DT", at), false, None, None)
                 .await
                 .unwrap();
             (index % TOKENS, Some(used))
@@ -111,7 +99,7 @@ async fn concurrent_uses_are_journalled_once_each(database: &str) {
             let token = token(index);
             let at = START + 200;
             let deleted = store
-                .transition(&DELETION, &entry(&token, "DL", at))
+                .transition(&DELETION, &journal_entry(&token, "DL", at))
                 .await
                 .unwrap();
             assert!(deleted.is_some(), "{token} was deleted by this request alone");

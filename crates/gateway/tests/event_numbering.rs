@@ -21,9 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{card_record, PostgresDatabase};
+use support::{card_record, journal_entry, PostgresDatabase};
 use tessera_gateway::events::EventRow;
-use tessera_gateway::store::{JournalEntry, Store, Transition, STATUS_ACTIVE, STATUS_DELETED};
+use tessera_gateway::store::{Store, Transition, STATUS_ACTIVE, STATUS_DELETED};
 
 const IMPORTS: usize = 8;
 const ROWS_PER_IMPORT: usize = 60;
@@ -47,17 +47,8 @@ fn import_prefix(import: usize) -> String {
     format!("tok_{import:02}_")
 }
 
-fn entry<'a>(token: &'a str, kind: &'static str) -> JournalEntry<'a> {
-    JournalEntry {
-        merchant_id: "m1",
-        token,
-        kind,
-        caller: "test",
-        at: 1_800_000_000_000,
-        purpose: "",
-        detail: "",
-    }
-}
+/// All entries at one time: numbering must follow commit order, not the entries' times.
+const AT: i64 = 1_800_000_000_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_numbered_once_each_in_commit_order_sqlite() {
@@ -82,7 +73,7 @@ async fn write(store: Store, import: usize) {
     let rows = (0..ROWS_PER_IMPORT)
         .map(|row| {
             let token = token(import, row);
-            let journal = (&entry(&token, "TK")).into();
+            let journal = (&journal_entry(&token, "TK", AT)).into();
             (card_record("m1", &token), journal)
         })
         .collect();
@@ -91,7 +82,7 @@ async fn write(store: Store, import: usize) {
     for row in 0..DELETED_PER_IMPORT {
         let token = token(import, row);
         store
-            .transition(&DELETION, &entry(&token, "DL"))
+            .transition(&DELETION, &journal_entry(&token, "DL", AT))
             .await
             .unwrap()
             .unwrap();
@@ -99,7 +90,7 @@ async fn write(store: Store, import: usize) {
     for row in DELETED_PER_IMPORT..2 * DELETED_PER_IMPORT {
         let token = token(import, row);
         assert!(store
-            .record_use(&entry(&token, "DT"), false, None, None)
+            .record_use(&journal_entry(&token, "DT", AT), false, None, None)
             .await
             .unwrap());
     }

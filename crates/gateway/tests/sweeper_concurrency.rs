@@ -17,8 +17,8 @@ mod support;
 
 use std::time::Duration;
 
-use support::{due_record, PostgresDatabase};
-use tessera_gateway::store::{JournalEntry, Store};
+use support::{due_record, journal_entry, PostgresDatabase};
+use tessera_gateway::store::Store;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sweepers_expire_each_token_once_sqlite() {
@@ -43,15 +43,7 @@ async fn two_sweepers_expire_each_token_once(database: &str) {
     const TOKENS: usize = 300;
     for index in 0..TOKENS {
         let record = due_record(index);
-        let entry = JournalEntry {
-            merchant_id: "m1",
-            token: &record.token,
-            kind: "TK",
-            caller: "test",
-            at: 0,
-            purpose: "",
-            detail: "",
-        };
+        let entry = journal_entry(&record.token, "TK", 0);
         first.insert_token(&record, &(&entry).into()).await.unwrap();
     }
     let sweep = |store: Store, name: &'static str| async move {

@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use sqlx::{Connection as _, Executor as _};
-use tessera_gateway::store::{TokenRecord, STATUS_ACTIVE};
+use tessera_gateway::store::{JournalEntry, TokenRecord, STATUS_ACTIVE};
 
 /// An active card-on-file token of a Visa card expiring in December 2031, retained for good.
 pub fn card_record(merchant_id: &str, token: &str) -> TokenRecord {
@@ -48,6 +48,19 @@ pub fn due_record(index: usize) -> TokenRecord {
         created_at: 0,
         retain_until: 1_000,
         ..card_record("m1", &format!("tok_{index:026}"))
+    }
+}
+
+/// A journal entry of merchant `m1` by caller `test`, with no purpose or detail.
+pub fn journal_entry<'a>(token: &'a str, kind: &'static str, at: i64) -> JournalEntry<'a> {
+    JournalEntry {
+        merchant_id: "m1",
+        token,
+        kind,
+        caller: "test",
+        at,
+        purpose: "",
+        detail: "",
     }
 }
 
