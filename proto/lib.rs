@@ -9,6 +9,7 @@ pub mod calendar;
 pub mod data_checks;
 pub mod error_details;
 pub mod identity;
+pub mod limits;
 pub mod pem;
 mod redacted_debug;
 

@@ -140,6 +140,7 @@ async fn history(client: &mut Client, merchant: &str, token: &str) -> Vec<(Trans
         .get_token_history(GetTokenHistoryRequest {
             merchant_id: merchant.into(),
             token: token.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -402,6 +403,7 @@ async fn flow_4_detokenize_states_its_purpose_and_shopper_and_is_journalled(back
         .get_token_history(GetTokenHistoryRequest {
             merchant_id: "m1".into(),
             token: token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -916,6 +918,7 @@ async fn flow_10_history_lists_every_operation_without_card_data(backend: Backen
         .get_token_history(GetTokenHistoryRequest {
             merchant_id: "m1".into(),
             token: token.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -946,7 +949,8 @@ async fn flow_10_history_lists_every_operation_without_card_data(backend: Backen
             client
                 .get_token_history(GetTokenHistoryRequest {
                     merchant_id: "m2".into(),
-                    token: token.clone()
+                    token: token.clone(),
+                    ..Default::default()
                 })
                 .await
         ),

@@ -193,6 +193,7 @@ async fn mastercard_blocks_after_10_failures_in_24_hours_for_every_token_of_the_
         .get_token_history(GetTokenHistoryRequest {
             merchant_id: "m1".into(),
             token: same_card.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -210,6 +211,7 @@ async fn mastercard_blocks_after_10_failures_in_24_hours_for_every_token_of_the_
         .get_token_history(GetTokenHistoryRequest {
             merchant_id: "m1".into(),
             token: same_card,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tessera_api::bench::floor_client::FloorClient;
 use tessera_api::bench::RelayRequest;
+use tessera_api::limits::MAX_IMPORT_ITEMS;
 use tessera_api::v1::tokenization_client::TokenizationClient;
 use tessera_api::v1::ImportRequest;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -84,8 +85,8 @@ pub struct BenchArgs {
     /// Tokens created before the detokenize, mixed and list scenarios.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub setup_tokens: u32,
-    /// Items per import request in the import scenario (the API takes at most 5000).
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=5000))]
+    /// Items per import request in the import scenario (the API takes at most 1000).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=MAX_IMPORT_ITEMS as i64))]
     pub import_chunk: u16,
     /// The merchant the benchmark's tokens belong to.
     #[arg(long, default_value = "m_bench")]

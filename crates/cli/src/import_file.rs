@@ -1,11 +1,14 @@
 //! `tessera import FILE`: streams cards (or bank accounts and contact data) from a CSV or
 //! JSON-lines file to the gateway's bulk import, shows progress, and writes one result line
-//! per input line (its token, or its own error).
+//! per input line (its token, or its own error). Every line ends up in the results file as a
+//! token or as the reason it was not imported, whatever happens to the stream, and the
+//! command exits non-zero unless every line was imported.
 //!
 //! CSV needs a header; recognised columns: `number`, `expiry_month`, `expiry_year`,
 //! `holder_name`, `shopper_reference`, `merchant_id`, `iban`, `bic`, `email`, `phone`. JSON
 //! lines are objects with the same keys.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +16,10 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use prost::Message;
 use serde::Deserialize;
+use tessera_api::error_details::decode_error_info;
+use tessera_api::limits::{MAX_IMPORT_ITEMS, MAX_IMPORT_MESSAGE_BYTES};
 use tessera_api::v1::tokenization_client::TokenizationClient;
 use tessera_api::v1::{
     import_result, tokenize_request, BankAccount, Card, Contact, ImportItem, ImportRequest, TokenFormat,
@@ -25,8 +31,10 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use zeroize::Zeroize;
 
 /// Items per request message: large enough to amortise the stream's framing, small enough
-/// that the gateway works on several chunks at once.
+/// that the gateway works on several chunks at once. Messages are also cut by size, so long
+/// lines never push one over the gateway's byte limit.
 const ITEMS_PER_MESSAGE: usize = 500;
+const _: () = assert!(ITEMS_PER_MESSAGE <= MAX_IMPORT_ITEMS);
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
@@ -199,8 +207,52 @@ fn csv_field(text: &str) -> String {
     }
 }
 
-/// Runs the import; returns (succeeded, failed).
-pub async fn run(args: ImportArgs) -> Result<(u64, u64), String> {
+/// Splits items into request messages of at most [`ITEMS_PER_MESSAGE`] items and
+/// [`MAX_IMPORT_MESSAGE_BYTES`] encoded; an item too large for any message is returned apart
+/// with its sequence, to be reported instead of sent.
+fn into_messages(items: Vec<ImportItem>) -> (Vec<ImportRequest>, Vec<u64>) {
+    let mut messages = Vec::new();
+    let mut too_large = Vec::new();
+    let mut current = ImportRequest::default();
+    let mut current_bytes = 0usize;
+    for item in items {
+        // A repeated field's element costs its tag byte, its length prefix and its body.
+        let body = item.encoded_len();
+        let framed = 1 + prost::length_delimiter_len(body) + body;
+        if framed > MAX_IMPORT_MESSAGE_BYTES {
+            too_large.push(item.sequence);
+            continue;
+        }
+        if current.items.len() == ITEMS_PER_MESSAGE || current_bytes + framed > MAX_IMPORT_MESSAGE_BYTES {
+            messages.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+        current_bytes += framed;
+        current.items.push(item);
+    }
+    if !current.items.is_empty() {
+        messages.push(current);
+    }
+    (messages, too_large)
+}
+
+/// How an import went: lines imported and lines not imported (each named in the results file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImportSummary {
+    pub succeeded: u64,
+    pub failed: u64,
+}
+
+/// "REASON: message" of a gRPC error, from its ErrorInfo when it has one.
+fn describe(status: &tonic::Status) -> String {
+    let reason = decode_error_info(status.details())
+        .map_or_else(|| format!("{:?}", status.code()), |info| info.reason);
+    format!("{reason}: {}", status.message())
+}
+
+/// Runs the import and writes the results file. Returns how many lines were and were not
+/// imported; an error only when the import could not start (no file, no gateway).
+pub async fn run(args: ImportArgs) -> Result<ImportSummary, String> {
     let kind = parse_kind(&args.kind)?;
     let format = parse_format(&args.format)?;
     let lines = read_lines(&args.file)?;
@@ -234,7 +286,8 @@ pub async fn run(args: ImportArgs) -> Result<(u64, u64), String> {
         .map_err(|err| format!("cannot connect to the gateway at {}: {err}", args.gateway))?;
     let mut client = TokenizationClient::new(channel);
 
-    // Lines that do not even parse are answered here; the rest stream to the gateway.
+    // Lines that do not even parse, or are too large to send, are answered here; the rest
+    // stream to the gateway.
     let mut failed = 0u64;
     let mut items = Vec::with_capacity(lines.len());
     for (number, line) in lines {
@@ -250,12 +303,24 @@ pub async fn run(args: ImportArgs) -> Result<(u64, u64), String> {
             }
         }
     }
+    let (messages, too_large) = into_messages(items);
+    for number in too_large {
+        failed += 1;
+        let why = format!(
+            "LINE_TOO_LARGE: the line does not fit in one import message of {MAX_IMPORT_MESSAGE_BYTES} bytes"
+        );
+        writeln!(out, "{number},,{}", csv_field(&why)).map_err(|err| err.to_string())?;
+    }
+    // Every line sent is owed a result; what is still owed when the stream ends was not
+    // imported, and says so.
+    let mut unanswered: BTreeSet<u64> = messages
+        .iter()
+        .flat_map(|message| message.items.iter().map(|item| item.sequence))
+        .collect();
     let (requests, outbound) = mpsc::channel(8);
     let sender = tokio::spawn(async move {
-        let mut items = items.into_iter().peekable();
-        while items.peek().is_some() {
-            let chunk: Vec<ImportItem> = items.by_ref().take(ITEMS_PER_MESSAGE).collect();
-            if requests.send(ImportRequest { items: chunk }).await.is_err() {
+        for message in messages {
+            if requests.send(message).await.is_err() {
                 return;
             }
         }
@@ -272,42 +337,64 @@ pub async fn run(args: ImportArgs) -> Result<(u64, u64), String> {
     );
     bar.inc(failed);
     let started = Instant::now();
-    let mut responses = client
-        .import_tokens(ReceiverStream::new(outbound))
-        .await
-        .map_err(|status| status.message().to_owned())?
-        .into_inner();
     let mut succeeded = 0u64;
-    while let Some(response) = responses
-        .message()
-        .await
-        .map_err(|status| format!("import failed: {}", status.message()))?
-    {
-        for result in response.results {
-            match result.outcome {
-                Some(import_result::Outcome::Token(token)) => {
-                    succeeded += 1;
-                    writeln!(out, "{},{},", result.sequence, token.token).map_err(|err| err.to_string())?;
+    // Why the stream ended before every line had its result, if it did.
+    let mut stream_error = None;
+    match client.import_tokens(ReceiverStream::new(outbound)).await {
+        Err(status) => stream_error = Some(describe(&status)),
+        Ok(responses) => {
+            let mut responses = responses.into_inner();
+            loop {
+                let response = match responses.message().await {
+                    Ok(Some(response)) => response,
+                    Ok(None) => break,
+                    Err(status) => {
+                        stream_error = Some(describe(&status));
+                        break;
+                    }
+                };
+                for result in response.results {
+                    if !unanswered.remove(&result.sequence) {
+                        // Not a line of ours, or answered twice: nothing to write twice.
+                        continue;
+                    }
+                    match result.outcome {
+                        Some(import_result::Outcome::Token(token)) => {
+                            succeeded += 1;
+                            writeln!(out, "{},{},", result.sequence, token.token)
+                                .map_err(|err| err.to_string())?;
+                        }
+                        Some(import_result::Outcome::Error(error)) => {
+                            failed += 1;
+                            let text = format!("{}: {}", error.reason, error.message);
+                            writeln!(out, "{},,{}", result.sequence, csv_field(&text))
+                                .map_err(|err| err.to_string())?;
+                        }
+                        None => {
+                            failed += 1;
+                            writeln!(
+                                out,
+                                "{},,NO_OUTCOME: the gateway gave no outcome",
+                                result.sequence
+                            )
+                            .map_err(|err| err.to_string())?;
+                        }
+                    }
+                    bar.inc(1);
                 }
-                Some(import_result::Outcome::Error(error)) => {
-                    failed += 1;
-                    let text = format!("{}: {}", error.reason, error.message);
-                    writeln!(out, "{},,{}", result.sequence, csv_field(&text))
-                        .map_err(|err| err.to_string())?;
-                }
-                None => failed += 1,
+                bar.set_message(format!("({succeeded} ok, {failed} failed)"));
             }
-            bar.inc(1);
-        }
-        if let Some(progress) = response.progress {
-            bar.set_message(format!(
-                "({} ok, {} failed)",
-                progress.succeeded,
-                progress.failed + (failed - progress.failed.min(failed))
-            ));
         }
     }
-    let _ = sender.await;
+    sender.abort();
+    let why = stream_error.clone().unwrap_or_else(|| {
+        "NO_RESULT: the gateway ended the import without a result for this line".to_owned()
+    });
+    for number in &unanswered {
+        failed += 1;
+        writeln!(out, "{number},,{}", csv_field(&format!("NOT_IMPORTED: {why}")))
+            .map_err(|err| err.to_string())?;
+    }
     bar.finish_and_clear();
     out.flush().map_err(|err| err.to_string())?;
     let seconds = started.elapsed().as_secs_f64();
@@ -316,5 +403,71 @@ pub async fn run(args: ImportArgs) -> Result<(u64, u64), String> {
         (succeeded + failed) as f64 / seconds.max(1e-9),
         out_path.display()
     );
-    Ok((succeeded, failed))
+    if let Some(why) = stream_error {
+        eprintln!(
+            "the import stream ended early ({why}); {} lines sent were not imported",
+            unanswered.len()
+        );
+    }
+    Ok(ImportSummary { succeeded, failed })
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_api::v1::{tokenize_request, Card, TokenizeRequest};
+
+    use super::*;
+
+    fn item(sequence: u64, holder_bytes: usize) -> ImportItem {
+        ImportItem {
+            sequence,
+            item: Some(TokenizeRequest {
+                merchant_id: "m_import".into(),
+                data: Some(tokenize_request::Data::Card(Card {
+                    number: "4111111111111111".into(),
+                    expiry_month: 12,
+                    expiry_year: 2030,
+                    holder_name: "h".repeat(holder_bytes),
+                })),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn messages_stay_within_both_limits_whatever_the_line_lengths() {
+        // Short lines are cut by count, long ones by size; nothing is dropped or reordered.
+        let items: Vec<_> = (1..=3000)
+            .map(|n| item(n, if n % 3 == 0 { 8000 } else { 40 }))
+            .collect();
+        let (messages, too_large) = into_messages(items);
+        assert!(too_large.is_empty());
+        let mut sequences = Vec::new();
+        for message in &messages {
+            assert!(message.items.len() <= ITEMS_PER_MESSAGE);
+            assert!(
+                message.encoded_len() <= MAX_IMPORT_MESSAGE_BYTES,
+                "{}",
+                message.encoded_len()
+            );
+            sequences.extend(message.items.iter().map(|item| item.sequence));
+        }
+        assert_eq!(sequences, (1..=3000).collect::<Vec<_>>());
+        assert!(
+            messages.len() > 3000 / ITEMS_PER_MESSAGE,
+            "long lines must cut messages by size"
+        );
+    }
+
+    #[test]
+    fn a_line_too_large_for_any_message_is_set_apart() {
+        let items = vec![item(1, 10), item(2, MAX_IMPORT_MESSAGE_BYTES), item(3, 10)];
+        let (messages, too_large) = into_messages(items);
+        assert_eq!(too_large, vec![2]);
+        let sent: Vec<u64> = messages
+            .iter()
+            .flat_map(|m| m.items.iter().map(|i| i.sequence))
+            .collect();
+        assert_eq!(sent, vec![1, 3]);
+    }
 }

@@ -284,7 +284,17 @@ fn run_up(options: &stack::UpOptions) -> Result<(), Box<dyn std::error::Error>> 
 
 fn run_import(args: import_file::ImportArgs) -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(import_file::run(args))?;
+    let summary = runtime.block_on(import_file::run(args))?;
+    // A migration must never look done when it is not: any line not imported fails the
+    // command (the results file names each one and why).
+    if summary.failed > 0 {
+        return Err(format!(
+            "{} of {} lines were not imported; the results file names each one and why",
+            summary.failed,
+            summary.failed + summary.succeeded
+        )
+        .into());
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tessera_api::identity::peer_identity;
+use tessera_api::limits::MAX_REQUEST_BYTES;
 use tessera_api::v1::tokenization_server::Tokenization;
 use tessera_api::v1::{
     detokenize_response, tokenize_request, AuthorizationOutcome, BankAccount, Card, CardBlock, CardBrand,
@@ -30,6 +31,7 @@ use crate::store::{
     JournalEntry, ListCursor, Store, StoreError, TokenRecord, Transition, STATUS_ACTIVE, STATUS_CONSUMED,
     STATUS_DELETED, STATUS_EXPIRED, STATUS_PROVISIONAL,
 };
+use crate::transport_errors::too_large;
 use crate::validate;
 use crate::vault_client::VaultClient;
 
@@ -44,6 +46,8 @@ const MAX_EXTENSION_MONTHS: u32 = 24;
 const SINGLE_USE_TTL_MS: i64 = 24 * 3600 * 1000;
 const DEFAULT_PAGE_SIZE: u32 = 20;
 const MAX_PAGE_SIZE: u32 = 100;
+const DEFAULT_HISTORY_PAGE_SIZE: u32 = 100;
+const MAX_HISTORY_PAGE_SIZE: u32 = 1000;
 
 /// A validated, authorised tokenize, ready for the vault.
 #[derive(Debug, Clone)]
@@ -77,6 +81,16 @@ pub struct TokenizationService(pub Arc<Gateway>);
 fn caller<T>(request: &Request<T>) -> Option<String> {
     let certs = request.peer_certs()?;
     peer_identity(certs.iter().map(|cert| cert.as_ref()))
+}
+
+/// A unary request's caller and message, once the message is within the unary size limit.
+/// tonic's decoder holds the whole service to the import limit (the largest message any of
+/// its methods takes), so the tighter limit of the other methods is checked here.
+fn accept<T: prost::Message>(request: Request<T>) -> Result<(Option<String>, T), Status> {
+    if request.get_ref().encoded_len() > MAX_REQUEST_BYTES {
+        return Err(too_large(MAX_REQUEST_BYTES).into());
+    }
+    Ok((caller(&request), request.into_inner()))
 }
 
 pub(crate) fn store_error(err: StoreError) -> ApiError {
@@ -280,6 +294,24 @@ fn parse_cursor(page_token: &str) -> Result<Option<ListCursor>, ApiError> {
     let created = created.parse::<i64>().map_err(|_| invalid())?;
     validate::token(token).map_err(|_| invalid())?;
     Ok(Some((created, token.to_owned())))
+}
+
+/// The journal entry a history page continues after (0 for the first page).
+fn parse_history_cursor(page_token: &str) -> Result<i64, ApiError> {
+    if page_token.is_empty() {
+        return Ok(0);
+    }
+    page_token
+        .strip_prefix("h1.")
+        .and_then(|id| id.parse::<i64>().ok())
+        .filter(|id| *id > 0)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "page_token",
+                "INVALID_PAGE_TOKEN",
+                "page_token is not one this API returned",
+            )
+        })
 }
 
 fn transaction_type(kind: &str) -> TransactionType {
@@ -1115,14 +1147,26 @@ impl Gateway {
             &request.merchant_id,
             &request.token,
         )?;
+        let size = match request.page_size {
+            0 => DEFAULT_HISTORY_PAGE_SIZE,
+            size => size.min(MAX_HISTORY_PAGE_SIZE),
+        };
+        let after = parse_history_cursor(&request.page_token)?;
         // Existence first, so an unknown token answers NOT_FOUND and not an empty history.
         self.lookup(&request.merchant_id, &request.token).await?;
-        let entries = self
+        let mut entries = self
             .store
-            .history(&request.merchant_id, &request.token)
+            .history_page(&request.merchant_id, &request.token, after, i64::from(size) + 1)
             .await
             .map_err(store_error)?;
+        let more = entries.len() > size as usize;
+        entries.truncate(size as usize);
+        let next_page_token = match entries.last() {
+            Some(last) if more => format!("h1.{}", last.id),
+            _ => String::new(),
+        };
         Ok(GetTokenHistoryResponse {
+            next_page_token,
             entries: entries
                 .into_iter()
                 .map(|entry| ApiJournalEntry {
@@ -1140,7 +1184,7 @@ impl Gateway {
 
 /// A mutating request that may carry an idempotency key: its method name, its merchant, and
 /// a hash of its non-secret fields that tells a repeat from a different request.
-trait IdempotentRequest: Send + 'static {
+trait IdempotentRequest: prost::Message + Send + 'static {
     const METHOD: &'static str;
     fn take_key(&mut self) -> String;
     fn merchant_id(&self) -> &str;
@@ -1257,8 +1301,7 @@ impl TokenizationService {
         F: FnOnce(Option<String>, R) -> Fut,
         Fut: std::future::Future<Output = Result<T, ApiError>>,
     {
-        let caller = caller(&request);
-        let mut request = request.into_inner();
+        let (caller, mut request) = accept(request)?;
         let key = request.take_key();
         let hash = request.hash();
         let merchant_id = request.merchant_id().to_owned();
@@ -1297,8 +1340,7 @@ impl Tokenization for TokenizationService {
         &self,
         request: Request<SubscribeEventsRequest>,
     ) -> Result<Response<Self::SubscribeEventsStream>, Status> {
-        let caller = caller(&request);
-        let request = request.into_inner();
+        let (caller, request) = accept(request)?;
         let start = || -> Result<_, ApiError> {
             validate::merchant_id(&request.merchant_id)?;
             self.0
@@ -1330,16 +1372,16 @@ impl Tokenization for TokenizationService {
     }
 
     async fn get_token(&self, request: Request<GetTokenRequest>) -> Result<Response<Token>, Status> {
-        let caller = caller(&request);
-        reply(self.0.get_token(caller, request.into_inner()).await)
+        let (caller, request) = accept(request)?;
+        reply(self.0.get_token(caller, request).await)
     }
 
     async fn detokenize(
         &self,
         request: Request<DetokenizeRequest>,
     ) -> Result<Response<DetokenizeResponse>, Status> {
-        let caller = caller(&request);
-        reply(self.0.detokenize(caller, request.into_inner()).await)
+        let (caller, request) = accept(request)?;
+        reply(self.0.detokenize(caller, request).await)
     }
 
     async fn delete_token(
@@ -1359,8 +1401,8 @@ impl Tokenization for TokenizationService {
         &self,
         request: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
-        let caller = caller(&request);
-        reply(self.0.list_tokens(caller, request.into_inner()).await)
+        let (caller, request) = accept(request)?;
+        reply(self.0.list_tokens(caller, request).await)
     }
 
     async fn extend_retention(
@@ -1377,8 +1419,8 @@ impl Tokenization for TokenizationService {
         &self,
         request: Request<GetTokenHistoryRequest>,
     ) -> Result<Response<GetTokenHistoryResponse>, Status> {
-        let caller = caller(&request);
-        reply(self.0.token_history(caller, request.into_inner()).await)
+        let (caller, request) = accept(request)?;
+        reply(self.0.token_history(caller, request).await)
     }
 }
 
@@ -1403,6 +1445,11 @@ mod tests {
         );
         for bad in ["123.tok", "v1.x.tok", "v1.1.bad token", "v2.1.tok"] {
             assert!(parse_cursor(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_history_cursor("").map_err(|e| e.reason), Ok(0));
+        assert_eq!(parse_history_cursor("h1.42").map_err(|e| e.reason), Ok(42));
+        for bad in ["42", "h1.", "h1.-3", "h1.x", "v1.1.tok"] {
+            assert!(parse_history_cursor(bad).is_err(), "{bad}");
         }
     }
 }

@@ -109,10 +109,14 @@ pub fn subscribe(gateway: Arc<Gateway>, request: &SubscribeEventsRequest) -> Res
             let page = match gateway.store.events_after(&merchant_id, after, PAGE).await {
                 Ok(page) => page,
                 Err(err) => {
+                    // The subscriber resubscribes from the last sequence it saw and misses
+                    // nothing; the error says so with a reason like every other.
+                    let error = ApiError::unavailable(
+                        "STORAGE_UNAVAILABLE",
+                        "storage is unavailable; resubscribe after the last sequence seen",
+                    );
                     tracing::warn!(error = %err, "reading events failed");
-                    let _ = events
-                        .send(Err(Status::unavailable("storage is unavailable; resubscribe")))
-                        .await;
+                    let _ = events.send(Err(error.into())).await;
                     return;
                 }
             };

@@ -21,6 +21,7 @@ pub mod retry_guard;
 pub mod server;
 pub mod store;
 pub mod sweeper;
+pub mod transport_errors;
 pub mod validate;
 mod vault_batcher;
 pub mod vault_client;

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tessera_api::limits::{MAX_IMPORT_MESSAGE_BYTES, MAX_REQUEST_BYTES};
 use tessera_api::v1::key_admin_server::KeyAdminServer;
 use tessera_api::v1::tokenization_server::TokenizationServer;
 use tokio::net::TcpListener;
@@ -21,10 +22,8 @@ use crate::policy::Policy;
 use crate::reencrypt;
 use crate::store::Store;
 use crate::sweeper;
+use crate::transport_errors::TransportErrorsLayer;
 use crate::vault_client::VaultClient;
-
-/// Largest request the public API accepts; a card tokenize is well under 1 KiB.
-const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Builds the shared gateway state: opens and migrates the store, prepares the vault hop.
 pub async fn build(config: &GatewayConfig, clock: Clock) -> Result<Arc<Gateway>, String> {
@@ -75,9 +74,12 @@ pub async fn serve(
         sweeper::holder_name(config.listen),
         reencrypt::grace(Duration::from_secs(config.limits.request_timeout_secs)),
     ));
-    let key_admin = KeyAdminServer::new(KeyAdminService(Arc::clone(&gateway)));
-    let tokenization =
-        TokenizationServer::new(TokenizationService(gateway)).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let key_admin = KeyAdminServer::new(KeyAdminService(Arc::clone(&gateway)))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    // tonic sets one decoding limit per service: the largest message any of its methods takes
+    // (an import chunk). Unary requests are held to MAX_REQUEST_BYTES by the handlers.
+    let tokenization = TokenizationServer::new(TokenizationService(gateway))
+        .max_decoding_message_size(MAX_IMPORT_MESSAGE_BYTES);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<TokenizationServer<TokenizationService>>()
@@ -104,8 +106,12 @@ pub async fn serve(
         // Outermost: bound the work in flight so overload queues at the edge instead of
         // piling up in the store and the vault hop.
         .concurrency_limit_per_connection(config.limits.concurrency)
-        // Inside the limit: a request that cannot finish in time fails instead of holding a slot.
-        .timeout(Duration::from_secs(config.limits.request_timeout_secs))
+        // Inside the limit, around every service: a request that cannot finish in time fails
+        // instead of holding a slot, and the refusals tonic makes itself (too large, not a
+        // message of the method, no such method) get an ErrorInfo like every other error.
+        .layer(TransportErrorsLayer {
+            timeout: Duration::from_secs(config.limits.request_timeout_secs),
+        })
         .tcp_nodelay(true)
         .add_service(tokenization)
         .add_service(key_admin)

@@ -540,12 +540,25 @@ impl Store {
 
     /// Journal entries of one token, oldest first.
     pub async fn history(&self, merchant_id: &str, token: &str) -> Result<Vec<JournalRecord>, StoreError> {
+        self.history_page(merchant_id, token, 0, i64::MAX).await
+    }
+
+    /// Up to `limit` journal entries of a token after entry `after_id`, oldest first.
+    pub async fn history_page(
+        &self,
+        merchant_id: &str,
+        token: &str,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<JournalRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, kind, caller, at, purpose, detail FROM journal WHERE merchant_id = $1 AND token = $2 \
-             ORDER BY id",
+            "SELECT id, kind, caller, at, purpose, detail FROM journal \
+             WHERE merchant_id = $1 AND token = $2 AND id > $3 ORDER BY id LIMIT $4",
         )
         .bind(merchant_id)
         .bind(token)
+        .bind(after_id)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
