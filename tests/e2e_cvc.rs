@@ -152,7 +152,10 @@ async fn restart_vault(stack: &mut Stack, client: &Client) {
     let mut last = None;
     // Bounded twice over: by the deadline, and by the number of attempts.
     for _ in 0..300 {
-        match client.tokenize(tokenize_card("m_probe", "4111111111111111")).await {
+        match client
+            .tokenize(tokenize_card("m_probe", "4111111111111111"))
+            .await
+        {
             Ok(_) => return,
             Err(status) => last = Some(status),
         }
@@ -198,7 +201,11 @@ async fn after_a_vault_restart_the_card_is_revealed_and_the_cvc_reported_gone(ba
     );
     assert_eq!(status_of(&mut client, &cvc_token).await, TokenStatus::Consumed);
     // Without a CVC the stored card says no CVC was involved.
-    let plain = client.detokenize(detokenize(MERCHANT, &stored)).await.unwrap().into_inner();
+    let plain = client
+        .detokenize(detokenize(MERCHANT, &stored))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(
         (revealed_number(&plain).as_str(), plain.cvc_status()),
         ("4111111111111111", CvcStatus::Unspecified)
@@ -224,7 +231,10 @@ async fn a_cvc_whose_time_ran_out_is_reported_gone_and_the_card_revealed(backend
 }
 
 /// Sends `request` [`RACERS`] times at once; returns each answer.
-async fn race(client: &Client, request: &DetokenizeRequest) -> Vec<Result<DetokenizeResponse, tonic::Status>> {
+async fn race(
+    client: &Client,
+    request: &DetokenizeRequest,
+) -> Vec<Result<DetokenizeResponse, tonic::Status>> {
     let racers: Vec<_> = (0..RACERS)
         .map(|_| {
             let mut client = client.clone();
@@ -240,7 +250,12 @@ async fn race(client: &Client, request: &DetokenizeRequest) -> Vec<Result<Detoke
 }
 
 /// Every loser got TOKEN_CONSUMED; exactly one winner, which got the card and the CVC.
-fn assert_one_winner(results: &[Result<DetokenizeResponse, tonic::Status>], number: &str, cvc: &str, round: usize) {
+fn assert_one_winner(
+    results: &[Result<DetokenizeResponse, tonic::Status>],
+    number: &str,
+    cvc: &str,
+    round: usize,
+) {
     for result in results {
         if let Err(status) = result {
             assert_eq!(

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use tessera_api::identity::peer_identity;
 use tessera_api::v1::tokenization_server::Tokenization;
+use tessera_api::v1::CvcStatus;
 use tessera_api::v1::{
     detokenize_response, tokenize_request, AuthorizationOutcome, BankAccount, Card, CardBlock, CardBrand,
-    ConfirmTokenRequest, Contact, CvcStatus, DataType, DeleteTokenRequest, DeleteTokenResponse, DetokenizeRequest,
+    ConfirmTokenRequest, Contact, DataType, DeleteTokenRequest, DeleteTokenResponse, DetokenizeRequest,
     DetokenizeResponse, ExtendRetentionRequest, GetTokenHistoryRequest, GetTokenHistoryResponse,
     GetTokenRequest, JournalEntry as ApiJournalEntry, ListTokensRequest, ListTokensResponse,
     ReportAuthorizationRequest, ReportAuthorizationResponse, SubscribeEventsRequest, Token, TokenFormat,
@@ -641,7 +642,8 @@ impl Gateway {
         // A metadata read answers for a token that is no longer usable too, flagged with its
         // status (as DeleteToken's answer is); only the operations that use a token refuse it.
         let mut token = token_message(&record);
-        if matches!(record.status.as_str(), STATUS_PROVISIONAL | STATUS_ACTIVE) && past_deadline(&record, now) {
+        if matches!(record.status.as_str(), STATUS_PROVISIONAL | STATUS_ACTIVE) && past_deadline(&record, now)
+        {
             // Past its deadline, the token is expired even before the sweeper records it.
             token.status = TokenStatus::Expired as i32;
         }
@@ -894,10 +896,7 @@ impl Gateway {
         }
         tracing::info!(merchant_id = %record.merchant_id, token = %record.token, purpose = %purpose_text, "detokenized");
         let (cvc, cvc_status) = match held_cvc {
-            Some((cvc_token, cvc_vault)) => {
-                self.take_cvc(&record, cvc_token, &cvc_vault, purpose_text)
-                    .await
-            }
+            Some((cvc_token, cvc_vault)) => self.take_cvc(&record, cvc_token, &cvc_vault, purpose_text).await,
             None => (String::new(), CvcStatus::Unspecified),
         };
         Ok(DetokenizeResponse {
