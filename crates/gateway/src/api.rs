@@ -850,8 +850,7 @@ impl Gateway {
         // TOKEN_CONSUMED, not CVC_UNAVAILABLE), and a reveal that fails leaves it held.
         let mut revealed = self
             .vault
-            .reveal_on(
-                "",
+            .reveal(
                 vec![(*data_key).clone()],
                 RevealItem {
                     merchant_id: record.merchant_id.clone(),
