@@ -1,8 +1,9 @@
 //! CVCs that are gone, and racing uses of a token carrying one, through the real processes on
 //! SQLite and on PostgreSQL (issue 14):
-//! - after a vault restart (or once a CVC's time ran out), a single-use card+CVC token still
-//!   reveals its card, says the CVC is unavailable, and is consumed; a card-on-file use naming
-//!   a CVC-only token whose CVC is gone likewise returns the card and consumes the CVC token;
+//! - after a vault restart, an operator's seal and unseal, or once a CVC's time ran out, a
+//!   single-use card+CVC token still reveals its card, says the CVC is unavailable, and is
+//!   consumed; a card-on-file use naming a CVC-only token whose CVC is gone likewise returns
+//!   the card and consumes the CVC token;
 //! - concurrent uses of one single-use card+CVC token (or of one CVC-only token): exactly one
 //!   succeeds, with the CVC, and every other gets TOKEN_CONSUMED.
 #![allow(
@@ -14,10 +15,11 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::requests::{detokenize, detokenize_for, one_off, revealed_number, tokenize_card, SHOPPER};
-use common::{gateway_channel, Backend, Stack, StackOptions};
+use common::{gateway_channel, try_tessera, Backend, Stack, StackOptions};
 use tessera_api::error_details::decode_error_info;
 use tessera_api::v1::tokenization_client::TokenizationClient;
 use tessera_api::v1::{
@@ -230,6 +232,86 @@ async fn a_cvc_whose_time_ran_out_is_reported_gone_and_the_card_revealed(backend
     assert_eq!(status_of(&mut client, &single).await, TokenStatus::Consumed);
 }
 
+/// `tessera vault ARGS` against the stack's vault as the operator; panics if it fails.
+fn tessera_vault(stack: &Stack, args: &[&str]) {
+    let mut all: Vec<String> = std::iter::once("vault")
+        .chain(args.iter().copied())
+        .map(str::to_owned)
+        .collect();
+    all.extend(stack.operator_args());
+    let output = try_tessera(all);
+    assert!(
+        output.status.success(),
+        "tessera vault {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Unseals the vault with both shares of a 2-of-2 split and waits until the gateway uses it.
+async fn unseal(stack: &Stack, client: &Client, shares: &Path) {
+    for index in 1..=2 {
+        let share = shares.join(format!("share-{index}-of-2.txt"));
+        tessera_vault(stack, &["unseal", "--share-file", share.to_str().unwrap()]);
+    }
+    let deadline = Instant::now() + RECOVERY_LIMIT;
+    let mut client = client.clone();
+    loop {
+        match client
+            .tokenize(tokenize_card("m_probe", "4111111111111111"))
+            .await
+        {
+            Ok(_) => return,
+            Err(status) if reason(&status) == "VAULT_SEALED" && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("the gateway does not use the unsealed vault: {status:?}"),
+        }
+    }
+}
+
+async fn after_a_seal_and_unseal_the_card_is_revealed_and_the_cvc_reported_gone(backend: Backend) {
+    let state = tempfile::tempdir().unwrap();
+    let shares = state.path().join("shares");
+    let mut vault_extra = toml::Table::new();
+    let mut master_key = toml::Table::new();
+    master_key.insert("source".into(), "sealed".into());
+    master_key.insert(
+        "state_file".into(),
+        state.path().join("seal.toml").to_str().unwrap().into(),
+    );
+    vault_extra.insert("master_key".into(), master_key.into());
+    let stack = Stack::start_with(StackOptions {
+        backend,
+        vault_extra,
+        ..StackOptions::default()
+    });
+    let mut client = client(&stack).await;
+    tessera_vault(
+        &stack,
+        &[
+            "init",
+            "--shares",
+            "2",
+            "--threshold",
+            "2",
+            "--out-dir",
+            shares.to_str().unwrap(),
+        ],
+    );
+    unseal(&stack, &client, &shares).await;
+    let single = tokenize(&mut client, single_use_with_cvc("378282246310005", "8642")).await;
+
+    // Sealing wipes the held CVCs with the keys.
+    tessera_vault(&stack, &["seal"]);
+    unseal(&stack, &client, &shares).await;
+    let revealed = client.detokenize(use_single(&single)).await.unwrap().into_inner();
+    assert_card_without_cvc(&revealed, "378282246310005");
+    assert_eq!(
+        refusal(client.detokenize(use_single(&single)).await),
+        (Code::NotFound, "TOKEN_CONSUMED".into())
+    );
+}
+
 /// Sends `request` [`RACERS`] times at once; returns each answer.
 async fn race(
     client: &Client,
@@ -302,6 +384,7 @@ async fn racing_uses_of_a_token_with_a_cvc_all_lose_with_token_consumed(backend:
 
 backend_tests!(
     after_a_vault_restart_the_card_is_revealed_and_the_cvc_reported_gone,
+    after_a_seal_and_unseal_the_card_is_revealed_and_the_cvc_reported_gone,
     a_cvc_whose_time_ran_out_is_reported_gone_and_the_card_revealed,
     racing_uses_of_a_token_with_a_cvc_all_lose_with_token_consumed,
 );
