@@ -76,7 +76,35 @@ async fn tokenize_get_detokenize_delete(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(deleted.token.unwrap().status, TokenStatus::Deleted as i32);
+    let deleted = deleted.token.unwrap();
+    assert_eq!(deleted.status, TokenStatus::Deleted as i32);
+
+    // A metadata read answers as the deletion did: the token, flagged deleted.
+    let read = client
+        .get_token(GetTokenRequest {
+            merchant_id: "m_demo".into(),
+            token: token.token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (read.token.as_str(), read.last_four.as_str(), read.status()),
+        (token.token.as_str(), "1111", TokenStatus::Deleted)
+    );
+    assert_eq!(read, deleted);
+    // For another merchant it still does not exist.
+    let foreign = client
+        .get_token(GetTokenRequest {
+            merchant_id: "m_other".into(),
+            token: token.token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (foreign.code(), reason(&foreign).as_str()),
+        (Code::NotFound, "TOKEN_NOT_FOUND")
+    );
 
     let after = client
         .detokenize(detokenize("m_demo", &token.token))

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tessera_api::identity::peer_identity;
 use tessera_api::limits::MAX_REQUEST_BYTES;
 use tessera_api::v1::tokenization_server::Tokenization;
+use tessera_api::v1::CvcStatus;
 use tessera_api::v1::{
     detokenize_response, tokenize_request, AuthorizationOutcome, BankAccount, Card, CardBlock, CardBrand,
     ConfirmTokenRequest, Contact, DataType, DeleteTokenRequest, DeleteTokenResponse, DetokenizeRequest,
@@ -670,8 +671,14 @@ impl Gateway {
         )?;
         let record = self.lookup(&request.merchant_id, &request.token).await?;
         let now = self.clock.now_ms();
-        check_exists(&record, now)?;
+        // A metadata read answers for a token that is no longer usable too, flagged with its
+        // status (as DeleteToken's answer is); only the operations that use a token refuse it.
         let mut token = token_message(&record);
+        if matches!(record.status.as_str(), STATUS_PROVISIONAL | STATUS_ACTIVE) && past_deadline(&record, now)
+        {
+            // Past its deadline, the token is expired even before the sweeper records it.
+            token.status = TokenStatus::Expired as i32;
+        }
         if let Some(fingerprint) = &record.fingerprint {
             token.blocks = self
                 .store
@@ -852,11 +859,10 @@ impl Gateway {
             .cvc_token(&request, &record, kind, purpose, now)
             .await?
             .unzip();
-        // The CVC lives only in the memory of the vault that took it, so the reveal goes there.
-        let (cvc_token, cvc_vault) = match (&other_cvc_token, record.holds_cvc) {
-            (Some(other), _) => (other.clone(), other_cvc_vault.unwrap_or_default()),
-            (None, true) => (record.token.clone(), record.cvc_vault.clone()),
-            (None, false) => (String::new(), String::new()),
+        let held_cvc = match (&other_cvc_token, record.holds_cvc) {
+            (Some(other), _) => Some((other.clone(), other_cvc_vault.unwrap_or_default())),
+            (None, true) => Some((record.token.clone(), record.cvc_vault.clone())),
+            (None, false) => None,
         };
         let ciphertext = record
             .ciphertext
@@ -871,17 +877,19 @@ impl Gateway {
                 record.data_key_version,
             )
             .await?;
+        // The data first, without the CVC: a CVC is taken from vault memory only by the use
+        // that was recorded below, so a racing use that loses never burns it (it gets
+        // TOKEN_CONSUMED, not CVC_UNAVAILABLE), and a reveal that fails leaves it held.
         let mut revealed = self
             .vault
-            .reveal_on(
-                &cvc_vault,
+            .reveal(
                 vec![(*data_key).clone()],
                 RevealItem {
                     merchant_id: record.merchant_id.clone(),
                     token: record.token.clone(),
                     data_key_version: record.data_key_version,
                     ciphertext,
-                    cvc_token,
+                    cvc_token: String::new(),
                     // The vault's audit record names why the data was revealed.
                     purpose: purpose.journal_text(),
                 },
@@ -918,11 +926,55 @@ impl Gateway {
             ));
         }
         tracing::info!(merchant_id = %record.merchant_id, token = %record.token, purpose = %purpose_text, "detokenized");
+        let (cvc, cvc_status) = match held_cvc {
+            Some((cvc_token, cvc_vault)) => self.take_cvc(&record, cvc_token, &cvc_vault, purpose_text).await,
+            None => (String::new(), CvcStatus::Unspecified),
+        };
         Ok(DetokenizeResponse {
             token: record.token,
             data: public_data(&mut revealed),
-            cvc: std::mem::take(&mut revealed.cvc),
+            cvc,
+            cvc_status: cvc_status as i32,
         })
+    }
+
+    /// Takes the CVC held under `cvc_token` from vault memory, once the use it goes with is
+    /// recorded. The CVC lives only in the vault that took it, so the call goes there. The use
+    /// stands whatever happens here: a CVC that is gone (that vault restarted, was sealed or
+    /// cannot be reached, or the CVC's time ran out) is reported as unavailable, so the caller
+    /// still gets the data and can ask the shopper for the CVC again.
+    async fn take_cvc(
+        &self,
+        record: &TokenRecord,
+        cvc_token: String,
+        cvc_vault: &str,
+        purpose_text: String,
+    ) -> (String, CvcStatus) {
+        let taken = self
+            .vault
+            .reveal_on(
+                cvc_vault,
+                Vec::new(),
+                RevealItem {
+                    merchant_id: record.merchant_id.clone(),
+                    token: record.token.clone(),
+                    data_key_version: 0,
+                    ciphertext: Vec::new(),
+                    cvc_token,
+                    purpose: purpose_text,
+                },
+            )
+            .await;
+        match taken {
+            Ok(mut revealed) if !revealed.cvc.is_empty() => {
+                (std::mem::take(&mut revealed.cvc), CvcStatus::Returned)
+            }
+            Ok(_) => (String::new(), CvcStatus::Unavailable),
+            Err(err) => {
+                tracing::warn!(merchant_id = %record.merchant_id, token = %record.token, reason = %err.reason, "the CVC is unavailable; the data was returned without it");
+                (String::new(), CvcStatus::Unavailable)
+            }
+        }
     }
 
     /// The CVC-only token a detokenize names, checked: only a cardholder-initiated use of a
