@@ -336,6 +336,14 @@ impl Gateway {
             return Err(ApiError::missing("data"));
         }
         validate::shopper_reference(&request.shopper_reference)?;
+        // Checked here too (not only where they are used) so bulk-import items, which go
+        // through `prepare` alone, refuse the same text a tokenize refuses.
+        if !request.merchant_reference.is_empty() {
+            validate::reference("merchant_reference", &request.merchant_reference)?;
+        }
+        if !request.idempotency_key.is_empty() {
+            validate::idempotency_key(&request.idempotency_key)?;
+        }
         if kind != Kind::SingleUse && request.shopper_reference.is_empty() {
             return Err(ApiError::missing("shopper_reference"));
         }

@@ -30,18 +30,6 @@ const CLAIM_LEASE_MS: i64 = 60_000;
 const WAIT_FOR_FIRST: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(15);
 
-/// Checks an idempotency key: 1 to 128 printable ASCII characters.
-pub fn validate_key(key: &str) -> Result<(), ApiError> {
-    if key.len() > 128 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ApiError::invalid(
-            "idempotency_key",
-            "INVALID_IDEMPOTENCY_KEY",
-            "idempotency_key must be 1 to 128 printable ASCII characters",
-        ));
-    }
-    Ok(())
-}
-
 /// SHA-256 over the request's non-secret parts, each length-prefixed so fields cannot run
 /// into each other.
 pub fn request_hash(parts: &[&[u8]]) -> Vec<u8> {
@@ -218,7 +206,7 @@ where
     if key.is_empty() {
         return work.await;
     }
-    validate_key(key)?;
+    crate::validate::idempotency_key(key)?;
     let (merchant_id, caller) = scope;
     match store
         .begin_idempotent(merchant_id, caller, key, method, &hash, now)
@@ -246,12 +234,5 @@ mod tests {
     fn hashes_separate_fields() {
         assert_ne!(request_hash(&[b"ab", b"c"]), request_hash(&[b"a", b"bc"]));
         assert_eq!(request_hash(&[b"x"]).len(), 32);
-    }
-
-    #[test]
-    fn keys() {
-        assert!(validate_key("order-42/attempt-1").is_ok());
-        assert!(validate_key("has space").is_err());
-        assert!(validate_key(&"k".repeat(129)).is_err());
     }
 }
