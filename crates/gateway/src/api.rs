@@ -23,7 +23,7 @@ use crate::clock::{add_months, end_of_month, Clock, UnixMillis};
 use crate::config::Lifecycle;
 use crate::error::ApiError;
 use crate::group_commit::Journal;
-use crate::idempotency::request_hash;
+use crate::idempotency::{request_hash, MerchantReference};
 use crate::keyring::{KeyRing, PURPOSE_DATA};
 use crate::policy::{Operation, Policy};
 use crate::purpose::{check_kind, check_purpose, CheckedPurpose, Kind};
@@ -97,6 +97,23 @@ fn accept<T: prost::Message>(request: Request<T>) -> Result<(Option<String>, T),
 pub(crate) fn store_error(err: StoreError) -> ApiError {
     tracing::error!(error = %err, "storage failed");
     ApiError::unavailable("STORAGE_UNAVAILABLE", "storage is unavailable; retry later")
+}
+
+fn duplicate_reference() -> ApiError {
+    ApiError::new(
+        Code::AlreadyExists,
+        "DUPLICATE",
+        "this merchant_reference was already used for this merchant in the last 24 hours",
+    )
+}
+
+/// A write that claimed a merchant reference failed: DUPLICATE when the strict reference was
+/// taken (by a concurrent request that got there first), else a storage failure.
+fn reference_error(err: StoreError) -> ApiError {
+    match err {
+        StoreError::ReferenceTaken => duplicate_reference(),
+        err => store_error(err),
+    }
 }
 
 fn format_name(format: TokenFormat) -> &'static str {
@@ -369,6 +386,14 @@ impl Gateway {
             return Err(ApiError::missing("data"));
         }
         validate::shopper_reference(&request.shopper_reference)?;
+        // Checked here too (not only where they are used) so bulk-import items, which go
+        // through `prepare` alone, refuse the same text a tokenize refuses.
+        if !request.merchant_reference.is_empty() {
+            validate::reference("merchant_reference", &request.merchant_reference)?;
+        }
+        if !request.idempotency_key.is_empty() {
+            validate::idempotency_key(&request.idempotency_key)?;
+        }
         if kind != Kind::SingleUse && request.shopper_reference.is_empty() {
             return Err(ApiError::missing("shopper_reference"));
         }
@@ -530,41 +555,51 @@ impl Gateway {
         let reference = request.merchant_reference.clone();
         let strict = request.strict_merchant_reference;
         let prepared = self.prepare(caller.as_deref(), request)?;
-        self.check_reference(&prepared.merchant_id, &reference, strict)
+        let reference = self
+            .check_reference(&prepared.merchant_id, &reference, strict)
             .await?;
-        self.tokenize_prepared(&prepared, caller.as_deref().unwrap_or_default())
-            .await
+        self.tokenize_prepared(
+            &prepared,
+            caller.as_deref().unwrap_or_default(),
+            reference.as_ref(),
+        )
+        .await
     }
 
-    /// Records a merchant reference; a strict one seen for this merchant in the last 24 hours
-    /// is refused as a duplicate.
+    /// Checks a request's merchant reference and returns it for the store to take with what
+    /// the request writes (see crate::idempotency): it is not recorded here, so a request that
+    /// fails later leaves it free. A strict one already seen in the last 24 hours is refused
+    /// now, before any vault work; the store's claim decides between concurrent requests.
     async fn check_reference(
         &self,
         merchant_id: &str,
         reference: &str,
         strict: bool,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Option<MerchantReference>, ApiError> {
         if reference.is_empty() {
             return if strict {
                 Err(ApiError::missing("merchant_reference"))
             } else {
-                Ok(())
+                Ok(None)
             };
         }
         validate::reference("merchant_reference", reference)?;
-        let fresh = self
-            .store
-            .see_merchant_reference(merchant_id, reference, self.clock.now_ms())
-            .await
-            .map_err(store_error)?;
-        if !fresh && strict {
-            return Err(ApiError::new(
-                Code::AlreadyExists,
-                "DUPLICATE",
-                "this merchant_reference was already used for this merchant in the last 24 hours",
-            ));
+        let now = self.clock.now_ms();
+        if strict
+            && self
+                .store
+                .merchant_reference_taken(merchant_id, reference, now)
+                .await
+                .map_err(store_error)?
+        {
+            return Err(duplicate_reference());
         }
-        Ok(())
+        Ok(Some(MerchantReference {
+            merchant_id: merchant_id.to_owned(),
+            reference: reference.to_owned(),
+            strict,
+            seen_at: now,
+        }))
     }
 
     /// Runs `work` under the request's idempotency key, if it has one (see crate::idempotency).
@@ -604,11 +639,14 @@ impl Gateway {
     }
 
     /// Protects a prepared item and stores its token, drawing a new token if the first one
-    /// collides with an existing one (possible only for format-preserving tokens).
+    /// collides with an existing one (possible only for format-preserving tokens). The merchant
+    /// reference, if any, is taken with the token, or with the answer when an existing token
+    /// is returned instead.
     pub(crate) async fn tokenize_prepared(
         &self,
         prepared: &Prepared,
         caller: &str,
+        reference: Option<&MerchantReference>,
     ) -> Result<TokenizeResponse, ApiError> {
         let keys = self.keys_for(prepared).await?;
         let merchant_id = prepared.merchant_id.as_str();
@@ -629,6 +667,12 @@ impl Gateway {
                     .await
                     .map_err(store_error)?
                 {
+                    if let Some(reference) = reference {
+                        self.store
+                            .record_merchant_reference(reference.clone())
+                            .await
+                            .map_err(reference_error)?;
+                    }
                     tracing::info!(merchant_id, token = %existing.token, "tokenize deduplicated");
                     return Ok(TokenizeResponse {
                         token: Some(token_message(&existing)),
@@ -641,7 +685,11 @@ impl Gateway {
                 // Only this vault holds the CVC: reveals that want it must go there.
                 record.cvc_vault = served_by;
             }
-            match self.store.insert_token(&record, &journal).await {
+            match self
+                .store
+                .insert_token_claiming(&record, &journal, reference)
+                .await
+            {
                 Ok(()) => {
                     tracing::info!(merchant_id, token = %record.token, kind = %record.kind, "tokenized");
                     return Ok(TokenizeResponse {
@@ -652,7 +700,7 @@ impl Gateway {
                 Err(StoreError::Duplicate) => {
                     tracing::debug!(merchant_id, "token collision, drawing another")
                 }
-                Err(err) => return Err(store_error(err)),
+                Err(err) => return Err(reference_error(err)),
             }
         }
         Err(ApiError::new(
@@ -785,28 +833,30 @@ impl Gateway {
                 "this token has no card to count attempts for",
             )
         })?;
-        self.check_reference(
-            &request.merchant_id,
-            &request.merchant_reference,
-            request.strict_merchant_reference,
-        )
-        .await?;
+        let reference = self
+            .check_reference(
+                &request.merchant_id,
+                &request.merchant_reference,
+                request.strict_merchant_reference,
+            )
+            .await?;
         let config = &self.retry_guard;
+        let report = Report {
+            merchant_id: record.merchant_id.clone(),
+            agreement: request.acquiring_agreement.clone(),
+            fingerprint,
+            token: record.token.clone(),
+            outcome,
+            at: now,
+            caller,
+            rule: config.rule(&record.brand),
+            do_not_retry_ms: i64::from(config.do_not_retry_block_hours) * 3_600_000,
+        };
         let state = self
             .store
-            .report_authorization(Report {
-                merchant_id: record.merchant_id.clone(),
-                agreement: request.acquiring_agreement.clone(),
-                fingerprint,
-                token: record.token.clone(),
-                outcome,
-                at: now,
-                caller,
-                rule: config.rule(&record.brand),
-                do_not_retry_ms: i64::from(config.do_not_retry_block_hours) * 3_600_000,
-            })
+            .report_authorization(report, reference)
             .await
-            .map_err(store_error)?;
+            .map_err(reference_error)?;
         Ok(ReportAuthorizationResponse {
             failed_attempts: state.failed_attempts,
             limit: state.limit,

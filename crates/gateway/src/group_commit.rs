@@ -3,6 +3,10 @@
 //! transaction holding its write is durable, so throughput is bounded by the disk's commit
 //! rate divided by the batch size, not by one commit per request. A batch that fails as a whole
 //! is retried op by op, so one bad write never fails its neighbours.
+//!
+//! A write that carries a merchant reference claims it in the same transaction (see
+//! `crate::idempotency::claim_reference`): a strict reference already taken refuses that write
+//! alone, and a token insert's claim is undone with it when the token collides.
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,6 +16,7 @@ use sqlx::{Any, AnyConnection, AnyPool, Connection as _, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::clock::UnixMillis;
+use crate::idempotency::{claim_reference, MerchantReference};
 use crate::store::{
     apply_transition, insert_journal, select_token, values_rows, Backend, StoreError, StoredKey, TokenRecord,
     Transition, Tx, STATUS_ACTIVE, STATUS_CONSUMED, TOKEN_COLUMNS, TOKEN_COLUMN_COUNT,
@@ -59,10 +64,13 @@ impl From<&crate::store::JournalEntry<'_>> for Journal {
 pub enum WriteOp {
     /// Store wrapped keys unless present.
     InsertKeys { keys: Vec<StoredKey>, at: UnixMillis },
-    /// Insert a token and its TK entry; a duplicate token inserts nothing.
+    /// Insert a token and its TK entry; a duplicate token inserts nothing. With a merchant
+    /// reference, the token is inserted only if the reference is claimed, and the reference is
+    /// claimed only if the token is inserted.
     InsertToken {
         record: Box<TokenRecord>,
         journal: Journal,
+        reference: Option<MerchantReference>,
     },
     /// Insert many tokens (a bulk import chunk) in the same transaction.
     InsertTokens { rows: Vec<(TokenRecord, Journal)> },
@@ -75,8 +83,14 @@ pub enum WriteOp {
         retain_until: Option<UnixMillis>,
         cvc_token: Option<String>,
     },
-    /// Record an authorisation outcome and apply the retry guard's rules.
-    ReportAuthorization(Box<crate::retry_guard::Report>),
+    /// Record an authorisation outcome and apply the retry guard's rules, unless its merchant
+    /// reference is strict and taken.
+    ReportAuthorization {
+        report: Box<crate::retry_guard::Report>,
+        reference: Option<MerchantReference>,
+    },
+    /// Record a merchant reference alone (a deduplicated tokenize, which stores no token).
+    RecordReference(MerchantReference),
     /// Extend retention within the cap.
     Extend {
         journal: Journal,
@@ -100,6 +114,9 @@ pub enum WriteReply {
     Used(bool),
     /// The card's retry-guard state after a report.
     Reported(crate::retry_guard::ReportState),
+    /// The write's strict merchant reference was seen in the last 24 hours; nothing was
+    /// written.
+    ReferenceTaken,
 }
 
 struct Pending {
@@ -239,13 +256,21 @@ async fn commit(conn: &mut AnyConnection, batch: Vec<Pending>) -> bool {
 async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteReply>, StoreError> {
     let mut tx = conn.begin().await?;
     let mut replies: Vec<Option<WriteReply>> = vec![None; ops.len()];
+    claim_references(&mut tx, ops, &mut replies).await?;
+    // Writes answered by their reference claims: refused, or (token inserts) done with them.
+    let settled: Vec<bool> = replies.iter().map(Option::is_some).collect();
+    let is_settled = |index: usize| settled.get(index).copied().unwrap_or(false);
     // Token inserts of the whole batch go in multi-row statements: two round trips for the
     // batch instead of two per token.
     let inserts: Vec<(usize, &TokenRecord, &Journal)> = ops
         .iter()
         .enumerate()
         .flat_map(|(index, op)| match op {
-            WriteOp::InsertToken { record, journal } => vec![(index, record.as_ref(), journal)],
+            WriteOp::InsertToken {
+                record,
+                journal,
+                reference: None,
+            } => vec![(index, record.as_ref(), journal)],
             WriteOp::InsertTokens { rows } => rows
                 .iter()
                 .map(|(record, journal)| (index, record, journal))
@@ -277,6 +302,9 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
     let mut order: Vec<(usize, &WriteOp)> = Vec::with_capacity(ops.len());
     let mut plain_uses: Vec<(usize, &Journal)> = Vec::new();
     for (index, op) in ops.iter().copied().enumerate() {
+        if is_settled(index) {
+            continue;
+        }
         match plain_use(op) {
             Some(journal) if set_based_uses => plain_uses.push((index, journal)),
             _ => order.push((index, op)),
@@ -316,9 +344,11 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
                     WriteReply::Record(None)
                 }
             }
-            WriteOp::ReportAuthorization(report) => {
+            WriteOp::ReportAuthorization { report, .. } => {
                 WriteReply::Reported(crate::retry_guard::apply(&mut tx, report).await?)
             }
+            // Claimed in `claim_references`, which answered it.
+            WriteOp::RecordReference(_) => WriteReply::Done,
             // PostgreSQL's plain uses, one by one in key order (see `mark_used_together`).
             WriteOp::RecordUse { journal, .. } if plain_use(op).is_some() => {
                 let used = mark_used(&mut tx, journal, false, None).await?;
@@ -392,6 +422,83 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
         .into_iter()
         .map(|reply| reply.ok_or_else(|| StoreError::Query("a write got no reply".into())))
         .collect()
+}
+
+/// Claims the merchant references of a batch's writes, before anything else the batch does,
+/// in (merchant, reference) order: on PostgreSQL a claim waits for another writer's
+/// transaction holding the same reference, and one order for every batch (references first,
+/// then tokens in `row_key` order) keeps two batches from waiting on each other. Answers the
+/// writes the claims settle: a strict reference already taken refuses its write; a token
+/// insert with a reference is done here whole (see [`insert_referenced_token`]); a reference
+/// recorded alone is done. A report whose reference is claimed is left for the main pass.
+async fn claim_references(
+    tx: &mut Tx<'_>,
+    ops: &[&WriteOp],
+    replies: &mut [Option<WriteReply>],
+) -> Result<(), StoreError> {
+    let mut claims: Vec<(usize, &WriteOp, &MerchantReference)> = ops
+        .iter()
+        .enumerate()
+        .filter_map(|(index, op)| reference_of(op).map(|reference| (index, *op, reference)))
+        .collect();
+    // Stable, so two writes with one reference are claimed in the order they queued.
+    claims.sort_by(|(_, _, a), (_, _, b)| {
+        (a.merchant_id.as_str(), a.reference.as_str()).cmp(&(b.merchant_id.as_str(), b.reference.as_str()))
+    });
+    for (index, op, reference) in claims {
+        let reply = if let WriteOp::InsertToken { record, journal, .. } = op {
+            Some(insert_referenced_token(tx, record, journal, reference).await?)
+        } else if !claim_reference(tx, reference).await? {
+            Some(WriteReply::ReferenceTaken)
+        } else if matches!(op, WriteOp::RecordReference(_)) {
+            Some(WriteReply::Done)
+        } else {
+            None
+        };
+        if let (Some(slot), Some(reply)) = (replies.get_mut(index), reply) {
+            *slot = Some(reply);
+        }
+    }
+    Ok(())
+}
+
+/// The merchant reference a write claims, if any.
+fn reference_of(op: &WriteOp) -> Option<&MerchantReference> {
+    match op {
+        WriteOp::InsertToken { reference, .. } | WriteOp::ReportAuthorization { reference, .. } => {
+            reference.as_ref()
+        }
+        WriteOp::RecordReference(reference) => Some(reference),
+        _ => None,
+    }
+}
+
+/// Inserts a token and claims its merchant reference in a savepoint, all or nothing: a strict
+/// reference already taken inserts no token ([`WriteReply::ReferenceTaken`]), and a token that
+/// collides with an existing one takes no reference (`Inserted(false)`; the request draws
+/// another token and claims again). Its own statements rather than the batch's multi-row
+/// insert, since the claim must decide before the row goes in and a collision must undo it.
+async fn insert_referenced_token(
+    tx: &mut Tx<'_>,
+    record: &TokenRecord,
+    journal: &Journal,
+    reference: &MerchantReference,
+) -> Result<WriteReply, StoreError> {
+    let mut savepoint = sqlx::Acquire::begin(&mut **tx).await?;
+    if !claim_reference(&mut savepoint, reference).await? {
+        savepoint.rollback().await?;
+        return Ok(WriteReply::ReferenceTaken);
+    }
+    if insert_tokens(&mut savepoint, &[(0, record, journal)])
+        .await?
+        .is_empty()
+    {
+        savepoint.rollback().await?;
+        return Ok(WriteReply::Inserted(false));
+    }
+    insert_journals(&mut savepoint, &[journal]).await?;
+    savepoint.commit().await?;
+    Ok(WriteReply::Inserted(true))
 }
 
 /// (merchant, token) of the rows a statement inserted, updated or found, sorted so a lookup is
@@ -524,8 +631,11 @@ fn row_key(op: &WriteOp) -> (&str, &str) {
         WriteOp::Transition { journal, .. }
         | WriteOp::RecordUse { journal, .. }
         | WriteOp::Extend { journal, .. } => (journal.merchant_id.as_str(), journal.token.as_str()),
-        WriteOp::ReportAuthorization(report) => (report.merchant_id.as_str(), report.token.as_str()),
-        WriteOp::InsertKeys { .. } | WriteOp::InsertToken { .. } | WriteOp::InsertTokens { .. } => ("", ""),
+        WriteOp::ReportAuthorization { report, .. } => (report.merchant_id.as_str(), report.token.as_str()),
+        WriteOp::InsertKeys { .. }
+        | WriteOp::InsertToken { .. }
+        | WriteOp::InsertTokens { .. }
+        | WriteOp::RecordReference(_) => ("", ""),
     }
 }
 
@@ -890,6 +1000,61 @@ mod tests {
                 assert!(line.contains("sqlite_autoindex_tokens_1"), "{line} in {plan:#?}");
             }
         }
+    }
+
+    fn strict(reference: &str) -> MerchantReference {
+        MerchantReference {
+            merchant_id: MERCHANT.into(),
+            reference: reference.into(),
+            strict: true,
+            seen_at: NOW,
+        }
+    }
+
+    fn insert(token: &str, reference: Option<&str>) -> WriteOp {
+        WriteOp::InsertToken {
+            record: Box::new(record(token)),
+            journal: journal(token, "TK", NOW),
+            reference: reference.map(strict),
+        }
+    }
+
+    /// In one batch, the second write with a strict reference is refused and writes nothing,
+    /// a colliding token takes no reference (so a later write in the batch takes it), and
+    /// the batch's other writes go on.
+    #[tokio::test]
+    async fn a_taken_reference_refuses_only_its_own_write_in_a_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(&dir, &["tok_old"]).await;
+        let ops = [
+            insert("tok_a", Some("order-1")),
+            insert("tok_b", Some("order-1")),
+            insert("tok_old", Some("order-2")),
+            insert("tok_c", None),
+            WriteOp::RecordReference(strict("order-2")),
+            WriteOp::RecordReference(strict("order-1")),
+        ];
+        let mut conn = store.pool().acquire().await.unwrap();
+        let replies = run(&mut conn, &ops.iter().collect::<Vec<_>>()).await.unwrap();
+        assert!(
+            matches!(
+                replies.as_slice(),
+                [
+                    WriteReply::Inserted(true),
+                    WriteReply::ReferenceTaken,
+                    WriteReply::Inserted(false),
+                    WriteReply::Inserted(true),
+                    WriteReply::Done,
+                    WriteReply::ReferenceTaken,
+                ]
+            ),
+            "{replies:?}"
+        );
+        assert!(store.token(MERCHANT, "tok_a").await.unwrap().is_some());
+        assert!(store.token(MERCHANT, "tok_b").await.unwrap().is_none());
+        assert!(store.history(MERCHANT, "tok_b").await.unwrap().is_empty());
+        assert!(store.token(MERCHANT, "tok_c").await.unwrap().is_some());
+        assert_eq!(kinds(&store.history(MERCHANT, "tok_old").await.unwrap()), ["TK"]);
     }
 
     /// A token used again within `LAST_USED_PRECISION_MS` keeps its `last_used_at` and is

@@ -10,6 +10,12 @@
 //! expiry stand in for the card number, which is never hashed in the clear). A refused or
 //! failed first request releases its key, so nothing is stored for bad input and a retry after
 //! a transient failure runs again.
+//!
+//! A merchant reference is taken only by a request that succeeds: the group-commit writer
+//! claims it ([`claim_reference`]) in the transaction that stores what the request made (its
+//! token, or its authorisation outcome), so a request that fails before (vault unavailable,
+//! refused input, no free token) leaves it free for the retry, and of two concurrent requests
+//! with one strict reference exactly one succeeds.
 
 use std::time::Duration;
 
@@ -20,7 +26,7 @@ use tonic::Code;
 
 use crate::clock::UnixMillis;
 use crate::error::ApiError;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Tx};
 
 /// How long a first answer is replayed.
 const REPLAY_WINDOW_MS: i64 = 24 * 3_600_000;
@@ -29,18 +35,6 @@ const CLAIM_LEASE_MS: i64 = 60_000;
 /// How long a repeat waits for the first request to finish before giving up with ABORTED.
 const WAIT_FOR_FIRST: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(15);
-
-/// Checks an idempotency key: 1 to 128 printable ASCII characters.
-pub fn validate_key(key: &str) -> Result<(), ApiError> {
-    if key.len() > 128 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ApiError::invalid(
-            "idempotency_key",
-            "INVALID_IDEMPOTENCY_KEY",
-            "idempotency_key must be 1 to 128 printable ASCII characters",
-        ));
-    }
-    Ok(())
-}
 
 /// SHA-256 over the request's non-secret parts, each length-prefixed so fields cannot run
 /// into each other.
@@ -172,28 +166,61 @@ impl Store {
         Ok(())
     }
 
-    /// Records a merchant reference; `false` when it was already seen for this merchant in the
-    /// last 24 hours.
-    pub async fn see_merchant_reference(
+    /// True when `reference` was seen for this merchant in the last 24 hours: a strict
+    /// request with it is refused before any work. Only a hint, read outside any write; the
+    /// claim in the writer's transaction decides.
+    pub async fn merchant_reference_taken(
         &self,
         merchant_id: &str,
         reference: &str,
         now: UnixMillis,
     ) -> Result<bool, StoreError> {
-        let fresh = sqlx::query(
-            "INSERT INTO merchant_references (merchant_id, reference, seen_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (merchant_id, reference) DO UPDATE SET seen_at = excluded.seen_at \
-             WHERE merchant_references.seen_at <= $4",
+        let row = sqlx::query(
+            "SELECT 1 AS one FROM merchant_references \
+             WHERE merchant_id = $1 AND reference = $2 AND seen_at > $3",
         )
         .bind(merchant_id)
         .bind(reference)
-        .bind(now)
         .bind(now - REPLAY_WINDOW_MS)
-        .execute(self.pool())
-        .await?
-        .rows_affected();
-        Ok(fresh == 1)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.is_some())
     }
+}
+
+/// A merchant reference to record with a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MerchantReference {
+    pub merchant_id: String,
+    pub reference: String,
+    /// When true, the write is refused if the reference was seen in the last 24 hours.
+    pub strict: bool,
+    pub seen_at: UnixMillis,
+}
+
+/// Records `reference` in the writer's transaction `tx`. False, with nothing changed, when it
+/// is strict and was seen for the merchant in the last 24 hours: then the write it guards must
+/// not happen. A reference that is not strict is recorded (or left as it was, when seen in the
+/// window) and never refused. On PostgreSQL a concurrent transaction claiming the same
+/// reference waits here until the first one commits or rolls back, then sees its outcome.
+pub(crate) async fn claim_reference(
+    tx: &mut Tx<'_>,
+    reference: &MerchantReference,
+) -> Result<bool, StoreError> {
+    let fresh = sqlx::query(
+        "INSERT INTO merchant_references (merchant_id, reference, seen_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (merchant_id, reference) DO UPDATE SET seen_at = excluded.seen_at \
+         WHERE merchant_references.seen_at <= $4",
+    )
+    .bind(&reference.merchant_id)
+    .bind(&reference.reference)
+    .bind(reference.seen_at)
+    .bind(reference.seen_at - REPLAY_WINDOW_MS)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected()
+        == 1;
+    Ok(fresh || !reference.strict)
 }
 
 fn storage(err: StoreError) -> ApiError {
@@ -218,7 +245,7 @@ where
     if key.is_empty() {
         return work.await;
     }
-    validate_key(key)?;
+    crate::validate::idempotency_key(key)?;
     let (merchant_id, caller) = scope;
     match store
         .begin_idempotent(merchant_id, caller, key, method, &hash, now)
@@ -246,12 +273,5 @@ mod tests {
     fn hashes_separate_fields() {
         assert_ne!(request_hash(&[b"ab", b"c"]), request_hash(&[b"a", b"bc"]));
         assert_eq!(request_hash(&[b"x"]).len(), 32);
-    }
-
-    #[test]
-    fn keys() {
-        assert!(validate_key("order-42/attempt-1").is_ok());
-        assert!(validate_key("has space").is_err());
-        assert!(validate_key(&"k".repeat(129)).is_err());
     }
 }

@@ -317,7 +317,7 @@ async fn import_chunk(
         }
     }
     for (index, sequence, prepared) in one_by_one {
-        let result = match gateway.tokenize_prepared(&prepared, &caller_name).await {
+        let result = match gateway.tokenize_prepared(&prepared, &caller_name, None).await {
             Ok(response) => ImportResult {
                 sequence,
                 outcome: response.token.map(import_result::Outcome::Token),

@@ -9,6 +9,7 @@ use sqlx::{AnyPool, Row};
 
 use crate::clock::UnixMillis;
 use crate::group_commit::{GroupCommit, Journal, WriteOp, WriteReply};
+use crate::idempotency::MerchantReference;
 use crate::wal_checkpoint::WalCheckpoints;
 
 /// A storage failure. Messages name tables and operations, never card data.
@@ -17,6 +18,9 @@ use crate::wal_checkpoint::WalCheckpoints;
 pub enum StoreError {
     /// The row to insert already exists (same merchant and token).
     Duplicate,
+    /// The write's strict merchant reference was seen in the last 24 hours; nothing was
+    /// written.
+    ReferenceTaken,
     /// The database could not be opened or migrated.
     Open(String),
     /// A query failed.
@@ -27,6 +31,7 @@ impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Duplicate => f.write_str("row already exists"),
+            Self::ReferenceTaken => f.write_str("the merchant reference was seen in the last 24 hours"),
             Self::Open(why) => write!(f, "cannot open the database: {why}"),
             Self::Query(why) => write!(f, "database query failed: {why}"),
         }
@@ -302,17 +307,32 @@ impl Store {
         }
     }
 
-    /// Records an authorisation outcome through the group-commit writer.
+    /// Records an authorisation outcome through the group-commit writer, with its merchant
+    /// reference in the same transaction; [`StoreError::ReferenceTaken`], with nothing
+    /// recorded, when the reference is strict and was seen in the last 24 hours.
     pub async fn report_authorization(
         &self,
         report: crate::retry_guard::Report,
+        reference: Option<MerchantReference>,
     ) -> Result<crate::retry_guard::ReportState, StoreError> {
-        match self
-            .writer
-            .write(WriteOp::ReportAuthorization(Box::new(report)))
-            .await?
-        {
+        let op = WriteOp::ReportAuthorization {
+            report: Box::new(report),
+            reference,
+        };
+        match self.writer.write(op).await? {
             WriteReply::Reported(state) => Ok(state),
+            WriteReply::ReferenceTaken => Err(StoreError::ReferenceTaken),
+            _ => Err(StoreError::Query("unexpected reply".into())),
+        }
+    }
+
+    /// Records a merchant reference through the group-commit writer, for a request that
+    /// succeeds without writing anything else; [`StoreError::ReferenceTaken`] when it is
+    /// strict and was seen in the last 24 hours.
+    pub async fn record_merchant_reference(&self, reference: MerchantReference) -> Result<(), StoreError> {
+        match self.writer.write(WriteOp::RecordReference(reference)).await? {
+            WriteReply::Done => Ok(()),
+            WriteReply::ReferenceTaken => Err(StoreError::ReferenceTaken),
             _ => Err(StoreError::Query("unexpected reply".into())),
         }
     }
@@ -390,12 +410,27 @@ impl Store {
     /// Inserts a token record and its journal entry, committed with whatever else is being
     /// written at the moment. `Duplicate` when the token already exists.
     pub async fn insert_token(&self, record: &TokenRecord, journal: &Journal) -> Result<(), StoreError> {
+        self.insert_token_claiming(record, journal, None).await
+    }
+
+    /// Inserts a token and claims its merchant reference in one transaction: both or neither.
+    /// [`StoreError::Duplicate`] when the token exists (the reference is not taken), and
+    /// [`StoreError::ReferenceTaken`] when the reference is strict and was seen in the last
+    /// 24 hours (no token is inserted).
+    pub async fn insert_token_claiming(
+        &self,
+        record: &TokenRecord,
+        journal: &Journal,
+        reference: Option<&MerchantReference>,
+    ) -> Result<(), StoreError> {
         let op = WriteOp::InsertToken {
             record: Box::new(record.clone()),
             journal: journal.clone(),
+            reference: reference.cloned(),
         };
         match self.writer.write(op).await? {
             WriteReply::Inserted(true) => Ok(()),
+            WriteReply::ReferenceTaken => Err(StoreError::ReferenceTaken),
             _ => Err(StoreError::Duplicate),
         }
     }

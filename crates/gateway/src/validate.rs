@@ -1,18 +1,22 @@
 //! Request validation at the public edge. It runs before any key is created or any row is
 //! written, so bad input changes nothing. The vault validates card data again on its side of
-//! the trust boundary; this copy exists so a refusal costs no vault round trip.
+//! the trust boundary; this copy exists so a refusal costs no vault round trip. The rules for
+//! free text (printable characters only; no card number in a field that is not card data) are
+//! `tessera_api::data_checks`, which the vault applies too, so the two never disagree.
 
 use tessera_api::data_checks::{
-    bic_valid, cvc_valid, email_valid, iban_valid, luhn_valid, normalise_iban, phone_valid,
+    bic_valid, contains_card_number, cvc_valid, email_valid, holder_name_valid, iban_valid, luhn_valid,
+    normalise_iban, phone_valid, printable,
 };
 
 use crate::error::ApiError;
 
 const MAX_ID_LEN: usize = 64;
 const MAX_SHOPPER_REFERENCE_LEN: usize = 128;
-const MAX_HOLDER_NAME_CHARS: usize = 100;
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 
-/// Checks a merchant id: 1 to 64 characters of `A-Z a-z 0-9 _ - .`.
+/// Checks a merchant id: 1 to 64 characters of `A-Z a-z 0-9 _ - .`, holding no card number
+/// (it is stored and logged in clear).
 pub fn merchant_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty() {
         return Err(ApiError::missing("merchant_id"));
@@ -26,6 +30,13 @@ pub fn merchant_id(id: &str) -> Result<(), ApiError> {
             "merchant_id",
             "INVALID_MERCHANT_ID",
             "merchant_id must be 1 to 64 characters of letters, digits, '_', '-' or '.'",
+        ));
+    }
+    if contains_card_number(id) {
+        return Err(ApiError::invalid(
+            "merchant_id",
+            "INVALID_MERCHANT_ID",
+            "merchant_id must not contain a card number",
         ));
     }
     Ok(())
@@ -115,12 +126,16 @@ pub fn expiry(month: u32, year: u32, (this_year, this_month): (u32, u32)) -> Res
     Ok(())
 }
 
+/// The refusal text of a holder name, the same for a card's and a bank account's.
+const HOLDER_NAME_RULE: &str =
+    "holder_name must be at most 100 characters without control or invisible formatting characters";
+
 fn holder_name(name: &str) -> Result<(), ApiError> {
-    if name.chars().count() > MAX_HOLDER_NAME_CHARS || name.chars().any(char::is_control) {
+    if !holder_name_valid(name) {
         return Err(ApiError::invalid(
             "card.holder_name",
             "INVALID_HOLDER_NAME",
-            "holder_name must be at most 100 printable characters",
+            HOLDER_NAME_RULE,
         ));
     }
     Ok(())
@@ -145,13 +160,11 @@ pub fn bank_account(account: &tessera_api::v1::BankAccount) -> Result<(), ApiErr
             "bic must be 8 or 11 characters",
         ));
     }
-    if account.holder_name.chars().count() > MAX_HOLDER_NAME_CHARS
-        || account.holder_name.chars().any(char::is_control)
-    {
+    if !holder_name_valid(&account.holder_name) {
         return Err(ApiError::invalid(
             "bank_account.holder_name",
             "INVALID_BANK_ACCOUNT",
-            "holder_name must be at most 100 printable characters",
+            HOLDER_NAME_RULE,
         ));
     }
     Ok(())
@@ -175,19 +188,40 @@ pub fn contact(contact: &tessera_api::v1::Contact) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// An optional caller reference (e.g. a payment reference) kept in the journal: at most 128
-/// printable characters, and not something that looks like a card number.
+/// An optional caller reference (a merchant reference, an acquiring agreement, a payment
+/// reference), stored in clear: at most 128 characters without control or invisible
+/// formatting characters, and holding no card number (see
+/// `tessera_api::data_checks::contains_card_number`).
 pub fn reference(field: &'static str, value: &str) -> Result<(), ApiError> {
-    let digits = value.bytes().filter(u8::is_ascii_digit).count();
-    if value.chars().count() > MAX_SHOPPER_REFERENCE_LEN
-        || value.chars().any(char::is_control)
-        || digits >= 12
-    {
+    if value.chars().count() > MAX_SHOPPER_REFERENCE_LEN || !printable(value) {
         return Err(ApiError::invalid(
             field,
             "INVALID_REFERENCE",
-            "references are at most 128 printable characters with fewer than 12 digits",
+            "references are at most 128 characters without control or invisible formatting characters",
         ));
+    }
+    if contains_card_number(value) {
+        return Err(ApiError::invalid(
+            field,
+            "INVALID_REFERENCE",
+            "references must not contain a card number",
+        ));
+    }
+    Ok(())
+}
+
+/// An idempotency key: 1 to 128 printable ASCII characters, holding no card number (it is
+/// stored in clear).
+pub fn idempotency_key(key: &str) -> Result<(), ApiError> {
+    let invalid =
+        |message: &'static str| ApiError::invalid("idempotency_key", "INVALID_IDEMPOTENCY_KEY", message);
+    if key.len() > MAX_IDEMPOTENCY_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "idempotency_key must be 1 to 128 printable ASCII characters",
+        ));
+    }
+    if contains_card_number(key) {
+        return Err(invalid("idempotency_key must not contain a card number"));
     }
     Ok(())
 }
@@ -214,8 +248,10 @@ pub fn shopper_reference(reference: &str) -> Result<(), ApiError> {
     if reference.chars().count() < 3 || reference.len() > MAX_SHOPPER_REFERENCE_LEN {
         return Err(invalid("shopper_reference must be 3 to 128 characters"));
     }
-    if reference.chars().any(char::is_control) {
-        return Err(invalid("shopper_reference must be printable"));
+    if !printable(reference) {
+        return Err(invalid(
+            "shopper_reference must not hold control or invisible formatting characters",
+        ));
     }
     if reference.contains('@') {
         return Err(invalid("shopper_reference must not be an e-mail address"));
@@ -224,12 +260,8 @@ pub fn shopper_reference(reference: &str) -> Result<(), ApiError> {
     let phone_like = reference
         .bytes()
         .all(|b| b.is_ascii_digit() || b" +-().".contains(&b));
-    if digits >= 12
-        && reference
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b == b' ' || b == b'-')
-    {
-        return Err(invalid("shopper_reference must not be a card number"));
+    if contains_card_number(reference) {
+        return Err(invalid("shopper_reference must not contain a card number"));
     }
     if phone_like && digits >= 7 {
         return Err(invalid("shopper_reference must not be a phone number"));
@@ -293,6 +325,77 @@ mod tests {
             reason(shopper_reference("4111111111111111")),
             "INVALID_SHOPPER_REFERENCE"
         );
+    }
+
+    #[test]
+    fn idempotency_keys() {
+        assert_eq!(reason(idempotency_key("order-42/attempt-1")), "OK");
+        assert_eq!(reason(idempotency_key("has space")), "INVALID_IDEMPOTENCY_KEY");
+        assert_eq!(
+            reason(idempotency_key(&"k".repeat(129))),
+            "INVALID_IDEMPOTENCY_KEY"
+        );
+        assert_eq!(
+            reason(idempotency_key("retry-4111111111111111")),
+            "INVALID_IDEMPOTENCY_KEY"
+        );
+    }
+
+    /// Each free-text field refuses invisible formatting characters and card numbers with its
+    /// own reason, and no refusal repeats the value.
+    #[test]
+    fn free_text_fields() {
+        let card = |holder_name: &str| tessera_api::v1::Card {
+            number: "4111111111111111".into(),
+            expiry_month: 12,
+            expiry_year: 2030,
+            holder_name: holder_name.into(),
+        };
+        let account = |holder_name: &str| tessera_api::v1::BankAccount {
+            iban: "DE89370400440532013000".into(),
+            bic: String::new(),
+            holder_name: holder_name.into(),
+        };
+        assert_eq!(reason(super::card(&card("Zoë O'Brien"), TODAY)), "OK");
+        assert_eq!(reason(bank_account(&account("Zoë O'Brien"))), "OK");
+        assert_eq!(reason(shopper_reference("shopper-000123")), "OK");
+        assert_eq!(reason(reference("merchant_reference", "order-2026-000123")), "OK");
+        for invisible in [
+            '\u{202E}', '\u{2066}', '\u{200B}', '\u{200F}', '\u{2060}', '\u{FEFF}',
+        ] {
+            let text = format!("ab{invisible}c-1");
+            let refusals = [
+                (super::card(&card(&text), TODAY), "INVALID_HOLDER_NAME"),
+                (bank_account(&account(&text)), "INVALID_BANK_ACCOUNT"),
+                (shopper_reference(&text), "INVALID_SHOPPER_REFERENCE"),
+                (reference("merchant_reference", &text), "INVALID_REFERENCE"),
+                (reference("acquiring_agreement", &text), "INVALID_REFERENCE"),
+                (idempotency_key(&text), "INVALID_IDEMPOTENCY_KEY"),
+                (merchant_id(&text), "INVALID_MERCHANT_ID"),
+            ];
+            for (result, expected) in refusals {
+                let err = result.err();
+                assert_eq!(err.as_ref().map(|e| e.reason.as_ref()), Some(expected));
+                let message = err.map(|e| e.message).unwrap_or_default();
+                assert!(!message.contains(invisible), "{message}");
+            }
+        }
+        let pan = "4111-1111-1111-1111";
+        let text = format!("ref {pan}");
+        for (result, expected) in [
+            (shopper_reference(&text), "INVALID_SHOPPER_REFERENCE"),
+            (reference("merchant_reference", &text), "INVALID_REFERENCE"),
+            (
+                idempotency_key(&text.replace(' ', "-")),
+                "INVALID_IDEMPOTENCY_KEY",
+            ),
+            (merchant_id(&pan.replace('-', "")), "INVALID_MERCHANT_ID"),
+        ] {
+            let err = result.err();
+            assert_eq!(err.as_ref().map(|e| e.reason.as_ref()), Some(expected));
+            let message = err.map(|e| e.message).unwrap_or_default();
+            assert!(!message.contains("1111"), "{message}");
+        }
     }
 
     #[test]

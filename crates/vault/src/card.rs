@@ -18,8 +18,6 @@ const MAX_DIGITS: usize = 19;
 /// Longest input looked at: 19 digits with generous separators. Longer input is refused
 /// before it is scanned, so a hostile caller cannot make the vault walk megabytes.
 const MAX_INPUT_BYTES: usize = 64;
-/// Longest cardholder name kept, in characters (EMV track data allows 26; forms allow more).
-const MAX_HOLDER_NAME_CHARS: usize = 100;
 /// How far ahead an expiry date may be; schemes issue cards for at most a few years, so
 /// anything further is a typo or a probe, not a card.
 const MAX_YEARS_AHEAD: u32 = 20;
@@ -287,10 +285,11 @@ impl ValidCard {
     pub fn from_proto(card: &tessera_api::vault::Card, today: (u32, u32)) -> Result<ValidCard, CardError> {
         let pan = Pan::parse(&card.number)?;
         let expiry = Expiry::new(card.expiry_month, card.expiry_year, today)?;
-        let name = card.holder_name.trim();
-        if name.chars().count() > MAX_HOLDER_NAME_CHARS || name.chars().any(char::is_control) {
+        // The gateway applies the same shared rule, so the two never disagree about a name.
+        if !tessera_api::data_checks::holder_name_valid(&card.holder_name) {
             return Err(CardError::HolderName);
         }
+        let name = card.holder_name.trim();
         let mut holder_name = Zeroizing::new(String::with_capacity(name.len()));
         holder_name.push_str(name);
         Ok(ValidCard {
@@ -344,7 +343,7 @@ pub enum CardError {
     ExpiryYear,
     /// The expiry date has passed.
     ExpiryPast,
-    /// The holder name is too long or holds control characters.
+    /// The holder name is too long or holds control or invisible formatting characters.
     HolderName,
     /// No card was given.
     MissingCard,
@@ -384,7 +383,7 @@ impl fmt::Display for CardError {
             CardError::ExpiryYear => "card expiry year must be a four-digit year at most 20 years ahead",
             CardError::ExpiryPast => "card has expired",
             CardError::HolderName => {
-                "card holder name must be at most 100 characters without control characters"
+                "card holder name must be at most 100 characters without control or invisible formatting characters"
             }
             CardError::MissingCard => "card is required",
         })
@@ -608,6 +607,15 @@ mod tests {
         let err =
             ValidCard::from_proto(&proto("4111111111111111", 1, 2030, "Ada\nLovelace"), TODAY).unwrap_err();
         assert_eq!(err, CardError::HolderName);
+        for invisible in [
+            '\u{202E}', '\u{2067}', '\u{200B}', '\u{200D}', '\u{2060}', '\u{FEFF}',
+        ] {
+            let name = format!("Ada{invisible} Lovelace");
+            let err = ValidCard::from_proto(&proto("4111111111111111", 1, 2030, &name), TODAY).unwrap_err();
+            assert_eq!(err, CardError::HolderName, "U+{:04X}", u32::from(invisible));
+            assert!(!err.to_string().contains(invisible));
+        }
+        assert!(ValidCard::from_proto(&proto("4111111111111111", 1, 2030, "Zoë Łukasiewicz"), TODAY).is_ok());
         assert!(ValidCard::from_proto(&proto("4111111111111111", 1, 2030, ""), TODAY).is_ok());
     }
 

@@ -4,14 +4,14 @@
 
 use std::fmt;
 
-use tessera_api::data_checks::{bic_valid, email_valid, iban_valid, normalise_iban, phone_valid};
+use tessera_api::data_checks::{
+    bic_valid, email_valid, holder_name_valid, iban_valid, normalise_iban, phone_valid,
+};
 use tessera_api::vault::{secret_data, BankAccount, Contact, DataFacts, SecretData};
 use zeroize::Zeroizing;
 
 use crate::card::{CardError, ValidCard};
 use crate::keys::FingerprintKey;
-
-const MAX_HOLDER_NAME_CHARS: usize = 100;
 
 /// Validated data to protect.
 pub enum ValidData {
@@ -41,7 +41,7 @@ pub enum DataError {
     Iban,
     /// The BIC is malformed.
     Bic,
-    /// The holder name is too long or not printable.
+    /// The holder name is too long or holds control or invisible formatting characters.
     HolderName,
     /// The contact data is neither a valid e-mail address nor an E.164 phone number.
     Contact,
@@ -55,7 +55,9 @@ impl fmt::Display for DataError {
             Self::Card(err) => err.fmt(f),
             Self::Iban => f.write_str("iban is not a valid IBAN"),
             Self::Bic => f.write_str("bic must be 8 or 11 characters"),
-            Self::HolderName => f.write_str("holder_name must be at most 100 printable characters"),
+            Self::HolderName => f.write_str(
+                "holder_name must be at most 100 characters without control or invisible formatting characters",
+            ),
             Self::Contact => f.write_str("contact must be one e-mail address or one E.164 phone number"),
             Self::Missing => f.write_str("no data to protect"),
         }
@@ -121,10 +123,11 @@ impl ValidData {
         if !bic.is_empty() && !bic_valid(&bic) {
             return Err(DataError::Bic);
         }
-        let name = account.holder_name.trim();
-        if name.chars().count() > MAX_HOLDER_NAME_CHARS || name.chars().any(char::is_control) {
+        // The gateway applies the same shared rule, so the two never disagree about a name.
+        if !holder_name_valid(&account.holder_name) {
             return Err(DataError::HolderName);
         }
+        let name = account.holder_name.trim();
         Ok(Self::BankAccount {
             iban,
             bic,
@@ -260,6 +263,20 @@ mod tests {
         assert_eq!(
             ValidData::from_proto(&bad, (2026, 11)).unwrap_err(),
             DataError::Iban
+        );
+        let hidden_override = secret(secret_data::Data::BankAccount(BankAccount {
+            iban: "DE89370400440532013000".into(),
+            bic: String::new(),
+            holder_name: "Ada\u{202E} Lovelace".into(),
+        }));
+        let err = ValidData::from_proto(&hidden_override, (2026, 11)).unwrap_err();
+        assert_eq!(
+            (err, err.reason(), err.field()),
+            (
+                DataError::HolderName,
+                "INVALID_BANK_ACCOUNT",
+                "bank_account.holder_name"
+            )
         );
         let email = secret(secret_data::Data::Contact(Contact {
             email: "Ada@Example.com".into(),
