@@ -1068,6 +1068,27 @@ async fn events_carry_the_token_facts_a_consumer_needs_and_no_card_data(backend:
         )
     };
     expected.push(contract_event(EventType::TokenCreated));
+    // A payment reference that is not a reference changes nothing: no confirmation, no event.
+    for bad in ["4111 1111 1111 1111", "psp\n7781"] {
+        let status = client
+            .confirm_token(ConfirmTokenRequest {
+                merchant_id: "m1".into(),
+                token: contract.token.clone(),
+                payment_reference: bad.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            (status.code(), reason(&status)),
+            (Code::InvalidArgument, "INVALID_REFERENCE".into())
+        );
+        assert!(!status.message().contains("4111"), "{status:?}");
+    }
+    assert_eq!(
+        get(&mut client, "m1", &contract.token).await.unwrap().status,
+        TokenStatus::Provisional as i32
+    );
     client
         .confirm_token(ConfirmTokenRequest {
             merchant_id: "m1".into(),
