@@ -20,12 +20,15 @@ use common::requests::{
     unscheduled, SHOPPER,
 };
 use common::{database_contents, database_pool, gateway_channel, Backend, CallerPolicy, Stack, StackOptions};
+use prost::Message as _;
 use tessera_api::error_details::decode_error_info;
 use tessera_api::v1::tokenization_client::TokenizationClient;
 use tessera_api::v1::{
-    detokenize_response, tokenize_request, BankAccount, ConfirmTokenRequest, Contact, DataType,
-    DeleteTokenRequest, DetokenizeRequest, ExtendRetentionRequest, GetTokenHistoryRequest, GetTokenRequest,
-    ListTokensRequest, Purpose, Token, TokenFormat, TokenKind, TokenStatus, TokenizeRequest, TransactionType,
+    detokenize_response, tokenize_request, AuthorizationOutcome, BankAccount, CardBrand, ConfirmTokenRequest,
+    Contact, DataType, DeleteTokenRequest, DetokenizeRequest, EventType, ExtendRetentionRequest,
+    GetTokenHistoryRequest, GetTokenRequest, ListTokensRequest, Purpose, ReportAuthorizationRequest,
+    SubscribeEventsRequest, Token, TokenEvent, TokenFormat, TokenKind, TokenStatus, TokenizeRequest,
+    TransactionType,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -979,6 +982,270 @@ async fn shopper_references_that_look_like_personal_data_are_refused(backend: Ba
     let _ = card("4111111111111111");
 }
 
+/// What a subscriber learns from one event alone: (type, token, shopper reference, kind, data
+/// type, brand, last four, expiry month, expiry year, payment reference).
+type EventFacts = (
+    EventType,
+    String,
+    String,
+    TokenKind,
+    DataType,
+    CardBrand,
+    String,
+    u32,
+    u32,
+    String,
+);
+
+fn event_facts(event: &TokenEvent) -> EventFacts {
+    (
+        event.r#type(),
+        event.token.clone(),
+        event.shopper_reference.clone(),
+        event.token_kind(),
+        event.data_type(),
+        event.brand(),
+        event.last_four.clone(),
+        event.expiry_month,
+        event.expiry_year,
+        event.payment_reference.clone(),
+    )
+}
+
+/// Reads `count` events of `merchant` after sequence `after`.
+async fn collect_events(client: &mut Client, merchant: &str, after: u64, count: usize) -> Vec<TokenEvent> {
+    let mut stream = client
+        .subscribe_events(SubscribeEventsRequest {
+            merchant_id: merchant.into(),
+            after_sequence: after,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while events.len() < count {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+            Ok(Ok(Some(event))) => events.push(event),
+            other => panic!("the event stream ended early: {other:?}"),
+        }
+    }
+    events
+}
+
+/// A subscriber (e.g. a recurring-contract consumer) gets every fact it needs from the event
+/// itself, for each kind of event, with the right values; and neither the stream nor the
+/// stored events hold a card number or its first six digits.
+async fn events_carry_the_token_facts_a_consumer_needs_and_no_card_data(backend: Backend) {
+    const MASTERCARD: &str = "5555555555554444";
+    const VISA: &str = "4111111111111111";
+    const AMEX: &str = "378282246310005";
+    let flows = FlowStack::start(backend);
+    let mut client = flows.client().await;
+    let card_event =
+        |kind: EventType, token: &Token, token_kind: TokenKind, brand: CardBrand, number: &str| {
+            (
+                kind,
+                token.token.clone(),
+                SHOPPER.to_owned(),
+                token_kind,
+                DataType::Card,
+                brand,
+                number[number.len() - 4..].to_owned(),
+                12,
+                2031,
+                String::new(),
+            )
+        };
+    let mut expected: Vec<EventFacts> = Vec::new();
+
+    // Tokenized during a payment, confirmed with the payment's reference, then kept longer.
+    let mut during_payment = tokenize_card("m1", MASTERCARD);
+    during_payment.provisional = true;
+    let contract = tokenize(&mut client, during_payment).await;
+    let contract_event = |kind| {
+        card_event(
+            kind,
+            &contract,
+            TokenKind::CardOnFile,
+            CardBrand::Mastercard,
+            MASTERCARD,
+        )
+    };
+    expected.push(contract_event(EventType::TokenCreated));
+    // A payment reference that is not a reference changes nothing: no confirmation, no event.
+    for bad in ["4111 1111 1111 1111", "psp\n7781"] {
+        let status = client
+            .confirm_token(ConfirmTokenRequest {
+                merchant_id: "m1".into(),
+                token: contract.token.clone(),
+                payment_reference: bad.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            (status.code(), reason(&status)),
+            (Code::InvalidArgument, "INVALID_REFERENCE".into())
+        );
+        assert!(!status.message().contains("4111"), "{status:?}");
+    }
+    assert_eq!(
+        get(&mut client, "m1", &contract.token).await.unwrap().status,
+        TokenStatus::Provisional as i32
+    );
+    client
+        .confirm_token(ConfirmTokenRequest {
+            merchant_id: "m1".into(),
+            token: contract.token.clone(),
+            payment_reference: "psp-7781-auth".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut confirmed = contract_event(EventType::TokenConfirmed);
+    confirmed.9 = "psp-7781-auth".into();
+    expected.push(confirmed);
+    client
+        .extend_retention(ExtendRetentionRequest {
+            merchant_id: "m1".into(),
+            token: contract.token.clone(),
+            months: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    expected.push(contract_event(EventType::RetentionExtended));
+
+    // A subscription token, deleted.
+    let recurring = tokenize(
+        &mut client,
+        with_kind(tokenize_card("m1", VISA), TokenKind::Recurrence),
+    )
+    .await;
+    expected.push(card_event(
+        EventType::TokenCreated,
+        &recurring,
+        TokenKind::Recurrence,
+        CardBrand::Visa,
+        VISA,
+    ));
+    client
+        .delete_token(DeleteTokenRequest {
+            merchant_id: "m1".into(),
+            token: recurring.token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    expected.push(card_event(
+        EventType::TokenDeleted,
+        &recurring,
+        TokenKind::Recurrence,
+        CardBrand::Visa,
+        VISA,
+    ));
+
+    // A bank account: no brand and no expiry, the IBAN's last four.
+    let bank = tokenize(
+        &mut client,
+        TokenizeRequest {
+            merchant_id: "m1".into(),
+            data: Some(tokenize_request::Data::BankAccount(BankAccount {
+                iban: "GB82 WEST 1234 5698 7654 32".into(),
+                bic: String::new(),
+                holder_name: "Ada Lovelace".into(),
+            })),
+            shopper_reference: "shopper-2".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    expected.push((
+        EventType::TokenCreated,
+        bank.token.clone(),
+        "shopper-2".into(),
+        TokenKind::CardOnFile,
+        DataType::BankAccount,
+        CardBrand::Unspecified,
+        "5432".into(),
+        0,
+        0,
+        String::new(),
+    ));
+
+    // A "do not retry" answer blocks the card; the event names the token reported.
+    client
+        .report_authorization(ReportAuthorizationRequest {
+            merchant_id: "m1".into(),
+            token: contract.token.clone(),
+            outcome: AuthorizationOutcome::DeclinedDoNotRetry as i32,
+            acquiring_agreement: "acq-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    expected.push(contract_event(EventType::CardBlocked));
+
+    // A single-use token nobody uses expires after 24 hours.
+    let single = tokenize(
+        &mut client,
+        with_kind(tokenize_card("m1", AMEX), TokenKind::SingleUse),
+    )
+    .await;
+    let single_event = |kind| {
+        card_event(
+            kind,
+            &single,
+            TokenKind::SingleUse,
+            CardBrand::AmericanExpress,
+            AMEX,
+        )
+    };
+    expected.push(single_event(EventType::TokenCreated));
+    flows.set_clock(25 * 3_600_000).await;
+    expected.push(single_event(EventType::TokenExpired));
+
+    let events = collect_events(&mut client, "m1", 0, expected.len()).await;
+    let seen: Vec<EventFacts> = events.iter().map(event_facts).collect();
+    assert_eq!(seen, expected);
+    let blocked = events
+        .iter()
+        .find(|event| event.r#type() == EventType::CardBlocked)
+        .unwrap();
+    assert!(blocked.detail.contains("acq-1"), "{blocked:?}");
+
+    // No card number and no first six digits, neither on the wire nor in the events table.
+    let stored: Vec<String> = sqlx::query_scalar(
+        "SELECT merchant_id || '|' || token || '|' || kind || '|' || detail || '|' || shopper_reference \
+         || '|' || token_kind || '|' || data_type || '|' || brand || '|' || last_four || '|' \
+         || CAST(expiry_month AS TEXT) || '|' || CAST(expiry_year AS TEXT) || '|' || payment_reference \
+         FROM events ORDER BY seq",
+    )
+    .fetch_all(&database_pool(&flows.stack).await)
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), expected.len(), "{stored:?}");
+    assert!(
+        stored.iter().any(|row| row.contains("psp-7781-auth")),
+        "{stored:?}"
+    );
+    for number in [MASTERCARD, VISA, AMEX] {
+        for secret in [number, &number[..6]] {
+            for event in &events {
+                assert!(!format!("{event:?}").contains(secret), "{event:?}");
+                assert!(
+                    !event
+                        .encode_to_vec()
+                        .windows(secret.len())
+                        .any(|window| window == secret.as_bytes()),
+                    "{event:?}"
+                );
+            }
+            assert!(stored.iter().all(|row| !row.contains(secret)), "{stored:?}");
+        }
+    }
+}
+
 backend_tests!(
     flow_1_standalone_tokenization_is_journalled_tk,
     flow_2_provisional_tokens_are_confirmed_discarded_or_time_out,
@@ -992,4 +1259,5 @@ backend_tests!(
     flow_9_bank_accounts_and_contact_data_tokenize_like_cards,
     flow_10_history_lists_every_operation_without_card_data,
     shopper_references_that_look_like_personal_data_are_refused,
+    events_carry_the_token_facts_a_consumer_needs_and_no_card_data,
 );

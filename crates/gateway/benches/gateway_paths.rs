@@ -64,6 +64,7 @@ fn record(counter: &AtomicU64) -> (TokenRecord, Journal) {
         at: 1,
         purpose: String::new(),
         detail: String::new(),
+        payment_reference: String::new(),
     };
     (record, journal)
 }

@@ -140,7 +140,7 @@ fn status_of(record: &TokenRecord) -> TokenStatus {
     }
 }
 
-fn data_type_of(stored: &str) -> DataType {
+pub(crate) fn data_type_of(stored: &str) -> DataType {
     match stored {
         "card" => DataType::Card,
         "bank_account" => DataType::BankAccount,
@@ -151,13 +151,18 @@ fn data_type_of(stored: &str) -> DataType {
     }
 }
 
-/// The public metadata of a record.
-pub(crate) fn token_message(record: &TokenRecord) -> Token {
-    let brand = if record.brand.is_empty() {
+/// A stored brand ("VISA"); no brand at all for data that is not a card.
+pub(crate) fn brand_of(stored: &str) -> CardBrand {
+    if stored.is_empty() {
         CardBrand::Unspecified
     } else {
-        CardBrand::from_str_name(&format!("CARD_BRAND_{}", record.brand)).unwrap_or(CardBrand::Unknown)
-    };
+        CardBrand::from_str_name(&format!("CARD_BRAND_{stored}")).unwrap_or(CardBrand::Unknown)
+    }
+}
+
+/// The public metadata of a record.
+pub(crate) fn token_message(record: &TokenRecord) -> Token {
+    let brand = brand_of(&record.brand);
     let format = if record.format == "format_preserving" {
         TokenFormat::FormatPreserving
     } else {
@@ -507,6 +512,7 @@ impl Gateway {
             at: now,
             purpose: String::new(),
             detail: if prepared.provisional { "PROVISIONAL" } else { "" }.to_owned(),
+            payment_reference: String::new(),
         };
         (record, journal)
     }
@@ -956,6 +962,7 @@ impl Gateway {
             at: now,
             purpose: &purpose_text,
             detail: if other_cvc_token.is_some() { "WITH_CVC" } else { "" },
+            payment_reference: "",
         };
         // The data is released only once its use is journalled (and a single-use token
         // consumed): if another request consumed it first, this one returns nothing.
@@ -1093,6 +1100,7 @@ impl Gateway {
             } else {
                 ""
             },
+            payment_reference: "",
         };
         let change = Transition {
             from: &[STATUS_PROVISIONAL, STATUS_ACTIVE, STATUS_CONSUMED],
@@ -1139,6 +1147,7 @@ impl Gateway {
             at: now,
             purpose: "",
             detail: &detail,
+            payment_reference: &request.payment_reference,
         };
         let change = Transition {
             from: &[STATUS_PROVISIONAL],
@@ -1222,6 +1231,7 @@ impl Gateway {
             at: now,
             purpose: "",
             detail: &detail,
+            payment_reference: "",
         };
         let retain_until = add_months(record.retain_until, request.months);
         let extended = self

@@ -6,29 +6,33 @@
 //! `0005_events_per_statement.sql`) inserts an event for each journal entry whose kind is one,
 //! in the same transaction, numbered in commit order (on PostgreSQL under a
 //! transaction-scoped advisory lock; SQLite has one writer). So no code path can journal a
-//! change and forget its event, and a batch pays no statement for its events. This module
-//! reads them.
+//! change and forget its event, and a batch pays no statement for its events. Since
+//! `0006_event_token_facts.sql` the trigger also copies the token's facts a subscriber needs
+//! (shopper reference, kind, data type, brand, last four, expiry) from its row, and a
+//! confirmation's payment reference from its journal entry, so an event can be used without a
+//! GetToken; never card data. This module reads them.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Row;
-use tessera_api::v1::{EventType, SubscribeEventsRequest, TokenEvent};
+use tessera_api::v1::{EventType, SubscribeEventsRequest, TokenEvent, TokenKind};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::api::Gateway;
+use crate::api::{brand_of, data_type_of, Gateway};
 use crate::clock::UnixMillis;
 use crate::error::ApiError;
-use crate::store::{Store, StoreError};
+use crate::purpose::Kind;
+use crate::store::{u32_column, Store, StoreError};
 
 /// Events read per query while catching up.
 const PAGE: i64 = 500;
 /// How often a caught-up subscriber looks for new events.
 const POLL: Duration = Duration::from_millis(200);
 
-/// An event as stored.
+/// An event as stored: what happened, and the facts of its token (as `tokens` stores them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventRow {
     pub seq: i64,
@@ -37,6 +41,16 @@ pub struct EventRow {
     pub kind: String,
     pub at: UnixMillis,
     pub detail: String,
+    pub shopper_reference: String,
+    /// The token's kind (card_on_file, recurrence, single_use).
+    pub token_kind: String,
+    pub data_type: String,
+    pub brand: String,
+    pub last_four: String,
+    pub expiry_month: u32,
+    pub expiry_year: u32,
+    /// TOKEN_CONFIRMED only: the payment reference of the confirmation.
+    pub payment_reference: String,
 }
 
 impl Store {
@@ -48,8 +62,9 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<EventRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, merchant_id, token, kind, at, detail FROM events WHERE merchant_id = $1 AND seq > $2 \
-             ORDER BY seq LIMIT $3",
+            "SELECT seq, merchant_id, token, kind, at, detail, shopper_reference, token_kind, data_type, brand, \
+             last_four, expiry_month, expiry_year, payment_reference \
+             FROM events WHERE merchant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(merchant_id)
         .bind(after)
@@ -65,6 +80,14 @@ impl Store {
                     kind: row.try_get("kind")?,
                     at: row.try_get("at")?,
                     detail: row.try_get("detail")?,
+                    shopper_reference: row.try_get("shopper_reference")?,
+                    token_kind: row.try_get("token_kind")?,
+                    data_type: row.try_get("data_type")?,
+                    brand: row.try_get("brand")?,
+                    last_four: row.try_get("last_four")?,
+                    expiry_month: u32_column(row, "expiry_month")?,
+                    expiry_year: u32_column(row, "expiry_year")?,
+                    payment_reference: row.try_get("payment_reference")?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -75,6 +98,13 @@ impl Store {
 fn event_message(row: EventRow) -> TokenEvent {
     let kind =
         EventType::from_str_name(&format!("EVENT_TYPE_{}", row.kind)).unwrap_or(EventType::Unspecified);
+    // Empty only if the event's token row was missing when it was written, which no code path
+    // does; then the event says nothing about the kind rather than guess card-on-file.
+    let token_kind = if row.token_kind.is_empty() {
+        TokenKind::Unspecified
+    } else {
+        Kind::parse(&row.token_kind).to_proto()
+    };
     TokenEvent {
         sequence: u64::try_from(row.seq).unwrap_or(0),
         r#type: kind as i32,
@@ -85,6 +115,14 @@ fn event_message(row: EventRow) -> TokenEvent {
             nanos: i32::try_from(row.at.rem_euclid(1000) * 1_000_000).unwrap_or(0),
         }),
         detail: row.detail,
+        shopper_reference: row.shopper_reference,
+        token_kind: token_kind as i32,
+        data_type: data_type_of(&row.data_type) as i32,
+        brand: brand_of(&row.brand) as i32,
+        last_four: row.last_four,
+        expiry_month: row.expiry_month,
+        expiry_year: row.expiry_year,
+        payment_reference: row.payment_reference,
     }
 }
 

@@ -43,6 +43,8 @@ pub struct Journal {
     pub at: UnixMillis,
     pub purpose: String,
     pub detail: String,
+    /// CONFIRM only: the payment reference it was confirmed with (carried by its event).
+    pub payment_reference: String,
 }
 
 impl From<&crate::store::JournalEntry<'_>> for Journal {
@@ -55,6 +57,7 @@ impl From<&crate::store::JournalEntry<'_>> for Journal {
             at: entry.at,
             purpose: entry.purpose.to_owned(),
             detail: entry.detail.to_owned(),
+            payment_reference: entry.payment_reference.to_owned(),
         }
     }
 }
@@ -688,9 +691,10 @@ async fn insert_journals(tx: &mut Tx<'_>, journals: &[&Journal]) -> Result<(), S
         if chunk.is_empty() {
             continue;
         }
-        let placeholders = values_rows(tx, chunk.len(), 7);
+        let placeholders = values_rows(tx, chunk.len(), 8);
         let sql = format!(
-            "INSERT INTO journal (merchant_id, token, kind, caller, at, purpose, detail) VALUES {placeholders}"
+            "INSERT INTO journal (merchant_id, token, kind, caller, at, purpose, detail, payment_reference) \
+             VALUES {placeholders}"
         );
         let mut query = sqlx::query(&sql);
         for journal in chunk {
@@ -701,7 +705,8 @@ async fn insert_journals(tx: &mut Tx<'_>, journals: &[&Journal]) -> Result<(), S
                 .bind(journal.caller.clone())
                 .bind(journal.at)
                 .bind(journal.purpose.clone())
-                .bind(journal.detail.clone());
+                .bind(journal.detail.clone())
+                .bind(journal.payment_reference.clone());
         }
         query.execute(&mut **tx).await?;
     }
@@ -852,6 +857,7 @@ mod tests {
             at,
             purpose: String::new(),
             detail: String::new(),
+            payment_reference: String::new(),
         }
     }
 
@@ -910,6 +916,7 @@ mod tests {
             at: NOW,
             purpose: "",
             detail: "",
+            payment_reference: "",
         };
         store.transition(&DELETION, &deleted).await.unwrap().unwrap();
         let ops = [

@@ -118,6 +118,7 @@ fn journal(report: &Report, kind: &'static str, detail: String) -> Journal {
         at: report.at,
         purpose: String::new(),
         detail,
+        payment_reference: String::new(),
     }
 }
 
@@ -381,6 +382,7 @@ impl Store {
                 at: now,
                 purpose: String::new(),
                 detail: format!("{reason} ended agreement={agreement}"),
+                payment_reference: String::new(),
             };
             crate::store::insert_journal(&mut tx, &entry).await?;
         }

@@ -119,6 +119,9 @@ pub struct JournalEntry<'a> {
     /// For DT, the stated purpose as `INITIATOR/MODEL/INTERACTION`.
     pub purpose: &'a str,
     pub detail: &'a str,
+    /// For CONFIRM, the payment reference it was confirmed with (empty if none, and for every
+    /// other kind); the journal's trigger puts it on the TOKEN_CONFIRMED event.
+    pub payment_reference: &'a str,
 }
 
 /// A journal entry as read back.
@@ -179,7 +182,7 @@ pub struct Store {
     backend: Backend,
 }
 
-fn u32_column(row: &AnyRow, name: &str) -> Result<u32, sqlx::Error> {
+pub(crate) fn u32_column(row: &AnyRow, name: &str) -> Result<u32, sqlx::Error> {
     let value: i64 = row.try_get(name)?;
     u32::try_from(value).map_err(|err| sqlx::Error::ColumnDecode {
         index: name.to_owned(),
@@ -652,6 +655,7 @@ impl Store {
                     at: now,
                     purpose: "",
                     detail: reason,
+                    payment_reference: "",
                 };
                 insert_journal(&mut tx, &Journal::from(&entry)).await?;
                 swept.push(Swept {
@@ -775,8 +779,8 @@ pub(crate) async fn apply_transition(
 
 pub(crate) async fn insert_journal(tx: &mut Tx<'_>, entry: &Journal) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO journal (merchant_id, token, kind, caller, at, purpose, detail) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO journal (merchant_id, token, kind, caller, at, purpose, detail, payment_reference) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&entry.merchant_id)
     .bind(&entry.token)
@@ -785,6 +789,7 @@ pub(crate) async fn insert_journal(tx: &mut Tx<'_>, entry: &Journal) -> Result<(
     .bind(entry.at)
     .bind(&entry.purpose)
     .bind(&entry.detail)
+    .bind(&entry.payment_reference)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -61,6 +61,7 @@ pub fn journal_entry<'a>(token: &'a str, kind: &'static str, at: i64) -> Journal
         at,
         purpose: "",
         detail: "",
+        payment_reference: "",
     }
 }
 
