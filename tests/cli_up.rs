@@ -93,14 +93,27 @@ impl Up {
         strip_ansi(&fs::read_to_string(self.log_path()).unwrap_or_default())
     }
 
-    /// The process id `up` reported for `name` at its latest start.
+    /// The process id of `up`'s running child `name`, from the kernel's process table (not
+    /// from `up`'s own report, which a launcher that does not supervise would not give).
     fn pid_of(&self, name: &str) -> u32 {
-        let prefix = format!("tessera up: {name} is ready (pid ");
-        self.log()
-            .lines()
-            .filter_map(|line| line.strip_prefix(&prefix)?.strip_suffix(')')?.parse().ok())
-            .last()
-            .unwrap_or_else(|| panic!("no pid reported for {name}:\n{}", self.log()))
+        let up = self.child.id();
+        let tasks = fs::read_dir(format!("/proc/{up}/task")).unwrap();
+        let children: Vec<u32> = tasks
+            .flatten()
+            .filter_map(|task| fs::read_to_string(task.path().join("children")).ok())
+            .flat_map(|list| {
+                list.split_whitespace()
+                    .filter_map(|pid| pid.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        children
+            .into_iter()
+            .find(|pid| {
+                fs::read_link(format!("/proc/{pid}/exe"))
+                    .is_ok_and(|exe| exe.file_name().is_some_and(|file| file == name))
+            })
+            .unwrap_or_else(|| panic!("tessera up has no running {name}:\n{}", self.log()))
     }
 
     async fn tokenize(&self) -> Result<String, String> {
