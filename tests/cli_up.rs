@@ -58,7 +58,13 @@ impl Up {
         let vault_addr = format!("127.0.0.1:{}", free_port());
         let child = Command::new(tessera)
             .current_dir(dir.path())
-            .args(["up", "--gateway-addr", &gateway_addr.to_string(), "--vault-addr", &vault_addr])
+            .args([
+                "up",
+                "--gateway-addr",
+                &gateway_addr.to_string(),
+                "--vault-addr",
+                &vault_addr,
+            ])
             .args(extra_args)
             // Without CARGO, `up` runs the servers next to it instead of running cargo build
             // (the harness has built them).
@@ -225,7 +231,10 @@ async fn a_normal_start_logs_no_warning_and_serves() {
     up.tokenize().await.unwrap();
     let log = up.log();
     let warnings = warnings(&log);
-    assert!(warnings.is_empty(), "warnings on a normal start: {warnings:#?}\nfull log:\n{log}");
+    assert!(
+        warnings.is_empty(),
+        "warnings on a normal start: {warnings:#?}\nfull log:\n{log}"
+    );
     // The SQLite default: the database file in the state directory.
     assert!(up.dir.path().join(".tessera/tessera.db").is_file(), "{log}");
     let status = up.stop();
@@ -288,7 +297,10 @@ async fn up_restarts_a_killed_gateway_and_a_killed_vault() {
             log.contains(&format!("tessera up: {name} exited unexpectedly (signal: 9")),
             "{log}"
         );
-        assert!(log.contains(&format!("tessera up: restarting {name} in ")), "{log}");
+        assert!(
+            log.contains(&format!("tessera up: restarting {name} in ")),
+            "{log}"
+        );
     }
     let status = up.stop();
     assert!(status.success(), "{status}:\n{}", up.log());

@@ -317,7 +317,11 @@ impl fmt::Display for StackError {
                     "{name} exited before it started listening ({status}); see its log above"
                 )
             }
-            Self::NotReady { name, addr, last_error } => write!(
+            Self::NotReady {
+                name,
+                addr,
+                last_error,
+            } => write!(
                 f,
                 "{name} did not answer on {addr} within {} s (last attempt: {last_error})",
                 READY_TIMEOUT.as_secs()
@@ -1084,6 +1088,7 @@ mod tests {
             certs_dir: PathBuf::from(format!("{root}/certs")),
             gateway_addr: "127.0.0.1:8443".parse().unwrap(),
             vault_addr: "127.0.0.1:7443".parse().unwrap(),
+            database: None,
         }
     }
 
@@ -1182,6 +1187,35 @@ mod tests {
             ]
         );
         assert_eq!(gateway.len(), 5, "no unexpected keys: {gateway:?}");
+    }
+
+    #[test]
+    fn database_option_replaces_the_sqlite_file() {
+        let mut layout = layout("/abs");
+        let url = "postgres://postgres@127.0.0.1:5432/tessera_dev?sslmode=disable";
+        layout.database = Some(url.to_owned());
+        let configs = render_configs(&layout).unwrap();
+        let gateway: toml::Table = configs.gateway.parse().unwrap();
+        assert_eq!(str_at(&gateway, "database"), url);
+    }
+
+    #[test]
+    fn restarts_back_off_and_are_bounded() {
+        let mut restarts = RestartCount::default();
+        let delays: Vec<Duration> = std::iter::from_fn(|| restarts.next_delay()).collect();
+        assert_eq!(
+            delays,
+            [1, 2, 4, 8, 16].map(Duration::from_secs),
+            "doubling from {RESTART_BACKOFF_FIRST:?}, capped at {RESTART_BACKOFF_MAX:?}"
+        );
+        assert_eq!(delays.len(), MAX_RESTARTS as usize);
+        // A crash soon after a restart continues the series; only a stable run resets it.
+        restarts.started();
+        restarts.child_exited();
+        assert_eq!(restarts.next_delay(), None);
+        restarts.last_start = Instant::now() - STABLE_RUN;
+        restarts.child_exited();
+        assert_eq!(restarts.next_delay(), Some(RESTART_BACKOFF_FIRST));
     }
 
     #[test]
