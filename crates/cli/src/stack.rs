@@ -19,6 +19,7 @@ use rustix::process::{kill_process, Pid, Signal};
 use serde::Serialize;
 use tessera_api::vault::vault_client::VaultClient as VaultRpcClient;
 use tessera_api::vault::StatusRequest;
+use tessera_gateway::store::Backend;
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
@@ -1060,6 +1061,17 @@ fn print_banner(options: &UpOptions, layout: &StackLayout) {
         "  config   {}, {}",
         options.state_dir.join("vault.toml").display(),
         options.state_dir.join("gateway.toml").display()
+    );
+    // A URL may carry a password: name the backend, not the URL.
+    let database = match &options.database {
+        Some(url) if Backend::of(url) == Backend::Postgres => "PostgreSQL (--database)".to_owned(),
+        Some(path) => format!("SQLite {path}"),
+        None => format!("SQLite {}", options.state_dir.join("tessera.db").display()),
+    };
+    println!("  database {database}");
+    println!();
+    println!(
+        "  A vault or gateway that exits is restarted (after 1 s, doubling; at most {MAX_RESTARTS} times in a row)."
     );
     println!();
     println!("Try it (as spiffe://tessera/dev-client, allowed every operation for every merchant):");
