@@ -187,6 +187,8 @@ impl Drop for Up {
     }
 }
 
+/// Sends signal `name` with the `kill` program (procps), as a user at a terminal would; the
+/// test crate has no signal API of its own.
 fn signal(pid: u32, name: &str) {
     let status = Command::new("kill")
         .args([format!("-{name}"), pid.to_string()])
