@@ -72,6 +72,8 @@ impl StartedStack {
                 .map_err(|err| prepare("certificate directory", &err))?,
             gateway_addr,
             vault_addr,
+            // `bench_gateway_config` below sets the benchmark's database.
+            database: None,
         };
         let configs = stack::render_configs(&layout).map_err(|err| prepare("configuration", &err))?;
         let gateway = bench_gateway_config(&configs.gateway, database)

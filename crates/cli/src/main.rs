@@ -68,6 +68,10 @@ enum Command {
         /// Address the vault listens on.
         #[arg(long, default_value = "127.0.0.1:7443")]
         vault_addr: SocketAddr,
+        /// The gateway's database: a `postgres://` URL (or an SQLite file path) instead of
+        /// STATE_DIR/tessera.db. The gateway creates its tables there at start.
+        #[arg(long, value_name = "URL_OR_PATH")]
+        database: Option<String>,
     },
     /// Load-test the gateway and compare it with a no-op floor (see docs/benchmarks.md).
     Bench(bench::BenchArgs),
@@ -193,12 +197,14 @@ fn main() -> ExitCode {
             certs_dir,
             gateway_addr,
             vault_addr,
+            database,
         } => {
             let options = stack::UpOptions {
                 state_dir,
                 certs_dir,
                 gateway_addr,
                 vault_addr,
+                database,
             };
             run_up(&options)
         }

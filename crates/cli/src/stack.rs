@@ -1,9 +1,10 @@
 //! `tessera up`: the whole local development stack from a fresh clone in one command.
 //!
 //! It ensures the development PKI, writes the vault and gateway configuration into the state
-//! directory, starts `tessera-vault` and then `tessera-gateway` as child processes, waits for
-//! both to listen, prints how to call the gateway with grpcurl, and on Ctrl-C or SIGTERM stops
-//! them in the reverse order.
+//! directory, starts `tessera-vault` and then `tessera-gateway` as child processes, waits until
+//! each answers a real call over mutual TLS, prints how to call the gateway with grpcurl, and on
+//! Ctrl-C or SIGTERM stops them in the reverse order. While it runs it supervises both: a child
+//! that exits is started again after a back-off, a bounded number of times in a row.
 
 use std::ffi::OsStr;
 use std::fmt;
@@ -16,19 +17,48 @@ use std::time::Duration;
 
 use rustix::process::{kill_process, Pid, Signal};
 use serde::Serialize;
+use tessera_api::vault::vault_client::VaultClient as VaultRpcClient;
+use tessera_api::vault::StatusRequest;
+use tessera_gateway::store::Backend;
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::{sleep, timeout, Instant};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use zeroize::Zeroizing;
 
 use crate::pki::{self, InitOutcome, PkiError};
 
-/// How long a child may take to start listening.
+/// How long a child may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often readiness is checked while waiting.
 const READY_POLL: Duration = Duration::from_millis(100);
+/// How long one readiness call may take. Generous: a probe cut off mid-handshake is exactly
+/// what makes a server log a refused handshake.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a child may take to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Restarts of one child in a row before `up` gives up and stops the stack: a child that keeps
+/// dying (a broken configuration, a port taken by someone else) is not retried forever.
+const MAX_RESTARTS: u32 = 5;
+/// Wait before the first restart; doubled for each further restart in a row.
+const RESTART_BACKOFF_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between restarts.
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(16);
+/// A child that ran this long before it exited counts as healthy: its restart count starts
+/// again from zero.
+const STABLE_RUN: Duration = Duration::from_secs(60);
+
+/// The development PKI's client certificate the launcher presents to the gateway's health
+/// service: the dev caller, whom the gateway already trusts.
+const GATEWAY_PROBE_CLIENT: &str = "dev-client";
+/// The client certificate the launcher presents to the vault: the operator identity, which the
+/// stack's vault serves and whose `Status` call works sealed or unsealed and reads no key.
+const VAULT_PROBE_CLIENT: &str = "operator";
 
 const VAULT_BINARY: &str = "tessera-vault";
 const GATEWAY_BINARY: &str = "tessera-gateway";
@@ -48,6 +78,9 @@ pub struct StackLayout {
     pub certs_dir: PathBuf,
     pub gateway_addr: SocketAddr,
     pub vault_addr: SocketAddr,
+    /// The gateway's database: `None` for the SQLite file in the state directory, or an SQLite
+    /// path or `postgres://` URL given with `tessera up --database`.
+    pub database: Option<String>,
 }
 
 impl StackLayout {
@@ -163,7 +196,10 @@ pub fn render_configs(layout: &StackLayout) -> Result<RenderedConfigs, StackErro
     };
     let gateway = GatewayConfig {
         listen: layout.gateway_addr.to_string(),
-        database: utf8(&layout.database_path())?,
+        database: match &layout.database {
+            Some(database) => database.clone(),
+            None => utf8(&layout.database_path())?,
+        },
         tls: ServerTls {
             cert: certs(&pki::cert_file("gateway"))?,
             key: certs(&pki::key_file("gateway"))?,
@@ -233,10 +269,18 @@ pub enum StackError {
     AddressInUse { name: &'static str, addr: SocketAddr },
     /// A child exited before it started listening.
     ExitedEarly { name: &'static str, status: ExitStatus },
-    /// A child did not start listening in time.
-    NotReady { name: &'static str, addr: SocketAddr },
-    /// A child exited while the stack was running.
-    ChildExited { name: &'static str, status: ExitStatus },
+    /// A child did not answer the readiness call in time.
+    NotReady {
+        name: &'static str,
+        addr: SocketAddr,
+        last_error: String,
+    },
+    /// A child kept exiting while the stack was running, and `up` gave up restarting it.
+    ChildExited {
+        name: &'static str,
+        status: ExitStatus,
+        restarts: u32,
+    },
 }
 
 impl fmt::Display for StackError {
@@ -274,12 +318,23 @@ impl fmt::Display for StackError {
                     "{name} exited before it started listening ({status}); see its log above"
                 )
             }
-            Self::NotReady { name, addr } => write!(
+            Self::NotReady {
+                name,
+                addr,
+                last_error,
+            } => write!(
                 f,
-                "{name} did not accept connections on {addr} within {} s",
+                "{name} did not answer on {addr} within {} s (last attempt: {last_error})",
                 READY_TIMEOUT.as_secs()
             ),
-            Self::ChildExited { name, status } => write!(f, "{name} exited unexpectedly ({status})"),
+            Self::ChildExited {
+                name,
+                status,
+                restarts,
+            } => write!(
+                f,
+                "{name} exited unexpectedly ({status}) after {restarts} restarts in a row; giving up"
+            ),
         }
     }
 }
@@ -307,9 +362,12 @@ pub struct UpOptions {
     pub certs_dir: PathBuf,
     pub gateway_addr: SocketAddr,
     pub vault_addr: SocketAddr,
+    /// `--database`: the gateway's database instead of the SQLite file in the state directory.
+    pub database: Option<String>,
 }
 
-/// Runs the local stack until Ctrl-C, SIGTERM or SIGHUP (`Ok`) or until a child exits (`Err`).
+/// Runs the local stack until Ctrl-C, SIGTERM or SIGHUP (`Ok`), restarting a child that exits;
+/// `Err` when a child cannot be started or keeps exiting ([`MAX_RESTARTS`] restarts in a row).
 pub async fn up(options: &UpOptions) -> Result<(), StackError> {
     // Signal handlers go in first: from here on, Ctrl-C during start-up still stops the
     // children instead of killing this process and leaving them orphaned.
@@ -321,6 +379,7 @@ pub async fn up(options: &UpOptions) -> Result<(), StackError> {
         certs_dir: absolute(&options.certs_dir)?,
         gateway_addr: options.gateway_addr,
         vault_addr: options.vault_addr,
+        database: options.database.clone(),
     };
     write_configs(&layout)?;
     let binaries = locate_binaries().await?;
@@ -340,18 +399,121 @@ pub async fn up(options: &UpOptions) -> Result<(), StackError> {
 
     print_banner(options, &layout);
 
-    let outcome = tokio::select! {
-        signal = shutdown.recv() => {
-            println!("\n{signal}; stopping the stack");
-            Ok(())
-        }
-        (name, status) = children.wait_any() => match status {
-            Ok(status) => Err(StackError::ChildExited { name, status }),
-            Err(source) => Err(StackError::Io { what: format!("waiting for {name}"), source }),
-        },
-    };
+    let outcome = supervise(&mut children, &binaries, &layout, &mut shutdown).await;
     children.stop().await;
     outcome
+}
+
+/// Waits for a stop signal (`Ok`) while restarting whichever child exits, with a back-off,
+/// until one has been restarted [`MAX_RESTARTS`] times in a row (`Err`). The children are
+/// left for the caller to stop.
+async fn supervise(
+    children: &mut Children,
+    binaries: &Binaries,
+    layout: &StackLayout,
+    shutdown: &mut ShutdownSignals,
+) -> Result<(), StackError> {
+    let mut vault_restarts = RestartCount::default();
+    let mut gateway_restarts = RestartCount::default();
+    loop {
+        let (server, status) = tokio::select! {
+            signal = shutdown.recv() => {
+                println!("\n{signal}; stopping the stack");
+                return Ok(());
+            }
+            exited = children.wait_any() => exited,
+        };
+        let name = server.binary_name();
+        let status = status.map_err(io_error(format!("waiting for {name}")))?;
+        children.forget(server);
+        let restarts = match server {
+            Server::Vault => &mut vault_restarts,
+            Server::Gateway => &mut gateway_restarts,
+        };
+        restarts.child_exited();
+        eprintln!("tessera up: {name} exited unexpectedly ({status})");
+        // A child that fails to come back counts as another restart in a row, with a longer
+        // wait, until the budget is spent.
+        loop {
+            let Some(delay) = restarts.next_delay() else {
+                return Err(StackError::ChildExited {
+                    name,
+                    status,
+                    restarts: MAX_RESTARTS,
+                });
+            };
+            eprintln!(
+                "tessera up: restarting {name} in {} ms (restart {} of at most {MAX_RESTARTS} in a row)",
+                delay.as_millis(),
+                restarts.in_a_row
+            );
+            let restarted = tokio::select! {
+                signal = shutdown.recv() => {
+                    println!("\n{signal}; stopping the stack");
+                    return Ok(());
+                }
+                result = async {
+                    sleep(delay).await;
+                    children.start_one(server, binaries, layout).await
+                } => result,
+            };
+            match restarted {
+                Ok(()) => {
+                    restarts.started();
+                    break;
+                }
+                Err(err) => {
+                    eprintln!("tessera up: {name} did not come back: {err}");
+                    if let Some(child) = children.take(server) {
+                        terminate(name, child).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Restarts of one child in a row, for the back-off and the budget.
+#[derive(Debug)]
+struct RestartCount {
+    in_a_row: u32,
+    last_start: Instant,
+}
+
+impl Default for RestartCount {
+    fn default() -> Self {
+        Self {
+            in_a_row: 0,
+            last_start: Instant::now(),
+        }
+    }
+}
+
+impl RestartCount {
+    /// A child that had run for [`STABLE_RUN`] was healthy: its next crash starts a new series.
+    fn child_exited(&mut self) {
+        if self.last_start.elapsed() >= STABLE_RUN {
+            self.in_a_row = 0;
+        }
+    }
+
+    /// Counts one more restart and says how long to wait first; `None` once the budget is spent.
+    fn next_delay(&mut self) -> Option<Duration> {
+        if self.in_a_row >= MAX_RESTARTS {
+            return None;
+        }
+        self.in_a_row += 1;
+        let doublings = self.in_a_row - 1;
+        Some(
+            RESTART_BACKOFF_FIRST
+                .saturating_mul(2u32.saturating_pow(doublings))
+                .min(RESTART_BACKOFF_MAX),
+        )
+    }
+
+    fn started(&mut self) {
+        self.last_start = Instant::now();
+    }
 }
 
 /// Creates the development PKI unless it exists; refuses a partial one.
@@ -477,20 +639,37 @@ fn remove_cargo_run_env(command: &mut Command) {
     }
 }
 
+/// One of the two servers of the stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    Vault,
+    Gateway,
+}
+
+impl Server {
+    fn binary_name(self) -> &'static str {
+        match self {
+            Self::Vault => VAULT_BINARY,
+            Self::Gateway => GATEWAY_BINARY,
+        }
+    }
+}
+
 /// The running children. Each is `None` until started and after it has been stopped.
 #[derive(Debug, Default)]
 struct Children {
     vault: Option<Child>,
     gateway: Option<Child>,
-    /// Where the children write `NAME.log`; `None`: to this process's terminal.
+    /// Where the children write `NAME.log`; `None`: to this process's terminal, and `up`
+    /// reports each start there.
     log_dir: Option<PathBuf>,
 }
 
 impl Children {
-    /// Starts the vault, waits for it to listen, then the gateway (which connects to it).
+    /// Starts the vault, waits until it answers, then the gateway (which connects to it).
     async fn start(&mut self, binaries: &Binaries, layout: &StackLayout) -> Result<(), StackError> {
-        // A process already listening would answer the readiness check in the child's place;
-        // both addresses are checked before anything starts.
+        // A process already listening would answer in the child's place (or make it fail to
+        // bind); both addresses are checked before anything starts.
         for (name, addr) in [
             (VAULT_BINARY, layout.vault_addr),
             (GATEWAY_BINARY, layout.gateway_addr),
@@ -499,24 +678,43 @@ impl Children {
                 return Err(StackError::AddressInUse { name, addr });
             }
         }
-        let vault = spawn(
-            &binaries.vault,
-            &layout.vault_config_path(),
-            self.log_dir.as_deref(),
-        )?;
-        let vault = self.vault.insert(vault);
-        wait_until_listening(VAULT_BINARY, vault, layout.vault_addr).await?;
-        let gateway = spawn(
-            &binaries.gateway,
-            &layout.gateway_config_path(),
-            self.log_dir.as_deref(),
-        )?;
-        let gateway = self.gateway.insert(gateway);
-        wait_until_listening(GATEWAY_BINARY, gateway, layout.gateway_addr).await
+        self.start_one(Server::Vault, binaries, layout).await?;
+        self.start_one(Server::Gateway, binaries, layout).await
+    }
+
+    /// Starts one server and waits until it answers a call over mutual TLS.
+    async fn start_one(
+        &mut self,
+        server: Server,
+        binaries: &Binaries,
+        layout: &StackLayout,
+    ) -> Result<(), StackError> {
+        let (binary, config, addr) = match server {
+            Server::Vault => (&binaries.vault, layout.vault_config_path(), layout.vault_addr),
+            Server::Gateway => (
+                &binaries.gateway,
+                layout.gateway_config_path(),
+                layout.gateway_addr,
+            ),
+        };
+        let child = spawn(binary, &config, self.log_dir.as_deref())?;
+        let pid = child.id();
+        let slot = match server {
+            Server::Vault => &mut self.vault,
+            Server::Gateway => &mut self.gateway,
+        };
+        let child = slot.insert(child);
+        wait_until_ready(server, child, addr, layout).await?;
+        if self.log_dir.is_none() {
+            if let Some(pid) = pid {
+                println!("tessera up: {} is ready (pid {pid})", server.binary_name());
+            }
+        }
+        Ok(())
     }
 
     /// Resolves when either child exits.
-    async fn wait_any(&mut self) -> (&'static str, io::Result<ExitStatus>) {
+    async fn wait_any(&mut self) -> (Server, io::Result<ExitStatus>) {
         async fn wait(child: Option<&mut Child>) -> io::Result<ExitStatus> {
             match child {
                 Some(child) => child.wait().await,
@@ -524,9 +722,22 @@ impl Children {
             }
         }
         tokio::select! {
-            status = wait(self.vault.as_mut()) => (VAULT_BINARY, status),
-            status = wait(self.gateway.as_mut()) => (GATEWAY_BINARY, status),
+            status = wait(self.vault.as_mut()) => (Server::Vault, status),
+            status = wait(self.gateway.as_mut()) => (Server::Gateway, status),
         }
+    }
+
+    /// Takes a child out of the stack (to stop it, or because it has exited).
+    fn take(&mut self, server: Server) -> Option<Child> {
+        match server {
+            Server::Vault => self.vault.take(),
+            Server::Gateway => self.gateway.take(),
+        }
+    }
+
+    /// Drops a child that has exited and been reaped.
+    fn forget(&mut self, server: Server) {
+        drop(self.take(server));
     }
 
     /// Stops the gateway first, so no request is in flight towards a vault that is gone.
@@ -611,11 +822,18 @@ async fn accepts_connections(addr: SocketAddr) -> bool {
     matches!(timeout(READY_POLL, TcpStream::connect(addr)).await, Ok(Ok(_)))
 }
 
-async fn wait_until_listening(
-    name: &'static str,
+/// Waits until `server` answers its readiness call, failing early if the child exits.
+///
+/// Readiness is a real call over mutual TLS, not a bare TCP connect: a connection closed
+/// before the TLS handshake is logged by the servers as a refused handshake, and a listening
+/// socket does not prove that the server can authenticate callers or reach its database.
+async fn wait_until_ready(
+    server: Server,
     child: &mut Child,
     addr: SocketAddr,
+    layout: &StackLayout,
 ) -> Result<(), StackError> {
+    let name = server.binary_name();
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Some(status) = child
@@ -624,14 +842,84 @@ async fn wait_until_listening(
         {
             return Err(StackError::ExitedEarly { name, status });
         }
-        if accepts_connections(addr).await {
-            return Ok(());
-        }
+        // No bare TCP connect first: a server logs a connection closed before the handshake as
+        // a refused handshake, and a closed port fails the TLS connect at once anyway.
+        let last_error = match probe(server, addr, layout).await {
+            Ok(()) => return Ok(()),
+            Err(err) => err,
+        };
         if Instant::now() >= deadline {
-            return Err(StackError::NotReady { name, addr });
+            return Err(StackError::NotReady {
+                name,
+                addr,
+                last_error,
+            });
         }
         sleep(READY_POLL).await;
     }
+}
+
+/// One readiness call: the standard `grpc.health.v1.Health/Check` of the gateway's public
+/// service as the dev client, or the vault's `Status` as the operator.
+async fn probe(server: Server, addr: SocketAddr, layout: &StackLayout) -> Result<(), String> {
+    match server {
+        Server::Gateway => {
+            let channel = probe_channel(layout, addr, GATEWAY_SERVER_NAME, GATEWAY_PROBE_CLIENT).await?;
+            let answer = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: "tessera.v1.Tokenization".to_owned(),
+                })
+                .await
+                .map_err(|status| format!("health check: {}", status.message()))?;
+            match answer.into_inner().status() {
+                ServingStatus::Serving => Ok(()),
+                other => Err(format!("health check: {}", other.as_str_name())),
+            }
+        }
+        Server::Vault => {
+            let channel = probe_channel(layout, addr, VAULT_SERVER_NAME, VAULT_PROBE_CLIENT).await?;
+            let status = VaultRpcClient::new(channel)
+                .status(StatusRequest {})
+                .await
+                .map_err(|status| format!("vault status: {}", status.message()))?
+                .into_inner();
+            // The stack's vault loads the development key file at start, so it is never
+            // sealed; a sealed vault would answer every data call with VAULT_SEALED.
+            if status.sealed {
+                return Err("the vault is sealed (unseal it with `tessera vault unseal`)".to_owned());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A mutual-TLS channel to `addr` presenting the development PKI's `client` certificate.
+async fn probe_channel(
+    layout: &StackLayout,
+    addr: SocketAddr,
+    server_name: &str,
+    client: &str,
+) -> Result<Channel, String> {
+    let read = |file: &str| {
+        let path = layout.certs_dir.join(file);
+        std::fs::read(&path).map_err(|err| format!("cannot read {}: {err}", path.display()))
+    };
+    let ca = read(pki::CA_CERT)?;
+    let cert = read(&pki::cert_file(client))?;
+    let key = Zeroizing::new(read(&pki::key_file(client))?);
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key.as_slice()))
+        .domain_name(server_name);
+    Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|err| err.to_string())?
+        .connect_timeout(PROBE_TIMEOUT)
+        .timeout(PROBE_TIMEOUT)
+        .tls_config(tls)
+        .map_err(|err| err.to_string())?
+        .connect()
+        .await
+        .map_err(|err| format!("connect: {err}"))
 }
 
 /// SIGTERM, then up to [`STOP_TIMEOUT`] for a clean exit, then SIGKILL.
@@ -774,6 +1062,17 @@ fn print_banner(options: &UpOptions, layout: &StackLayout) {
         options.state_dir.join("vault.toml").display(),
         options.state_dir.join("gateway.toml").display()
     );
+    // A URL may carry a password: name the backend, not the URL.
+    let database = match &options.database {
+        Some(url) if Backend::of(url) == Backend::Postgres => "PostgreSQL (--database)".to_owned(),
+        Some(path) => format!("SQLite {path}"),
+        None => format!("SQLite {}", options.state_dir.join("tessera.db").display()),
+    };
+    println!("  database {database}");
+    println!();
+    println!(
+        "  A vault or gateway that exits is restarted (after 1 s, doubling; at most {MAX_RESTARTS} times in a row)."
+    );
     println!();
     println!("Try it (as spiffe://tessera/dev-client, allowed every operation for every merchant):");
     println!();
@@ -801,6 +1100,7 @@ mod tests {
             certs_dir: PathBuf::from(format!("{root}/certs")),
             gateway_addr: "127.0.0.1:8443".parse().unwrap(),
             vault_addr: "127.0.0.1:7443".parse().unwrap(),
+            database: None,
         }
     }
 
@@ -899,6 +1199,35 @@ mod tests {
             ]
         );
         assert_eq!(gateway.len(), 5, "no unexpected keys: {gateway:?}");
+    }
+
+    #[test]
+    fn database_option_replaces_the_sqlite_file() {
+        let mut layout = layout("/abs");
+        let url = "postgres://postgres@127.0.0.1:5432/tessera_dev?sslmode=disable";
+        layout.database = Some(url.to_owned());
+        let configs = render_configs(&layout).unwrap();
+        let gateway: toml::Table = configs.gateway.parse().unwrap();
+        assert_eq!(str_at(&gateway, "database"), url);
+    }
+
+    #[test]
+    fn restarts_back_off_and_are_bounded() {
+        let mut restarts = RestartCount::default();
+        let delays: Vec<Duration> = std::iter::from_fn(|| restarts.next_delay()).collect();
+        assert_eq!(
+            delays,
+            [1, 2, 4, 8, 16].map(Duration::from_secs),
+            "doubling from {RESTART_BACKOFF_FIRST:?}, capped at {RESTART_BACKOFF_MAX:?}"
+        );
+        assert_eq!(delays.len(), MAX_RESTARTS as usize);
+        // A crash soon after a restart continues the series; only a stable run resets it.
+        restarts.started();
+        restarts.child_exited();
+        assert_eq!(restarts.next_delay(), None);
+        restarts.last_start = Instant::now() - STABLE_RUN;
+        restarts.child_exited();
+        assert_eq!(restarts.next_delay(), Some(RESTART_BACKOFF_FIRST));
     }
 
     #[test]
