@@ -109,7 +109,6 @@ async fn status_of(client: &mut Client, token: &str) -> TokenStatus {
         .get_token(GetTokenRequest {
             merchant_id: MERCHANT.into(),
             token: token.into(),
-            ..Default::default()
         })
         .await
         .unwrap()
