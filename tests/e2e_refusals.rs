@@ -488,3 +488,59 @@ fn vault_refuses_to_start_without_tls_client_auth_or_in_debug_production() {
         "a refused start must not create a master key"
     );
 }
+
+fn run_gateway(dir: &std::path::Path, config: &str) -> (bool, String) {
+    let path = dir.join("gateway.toml");
+    fs::write(&path, config).unwrap();
+    let output = Command::new(binaries().gateway)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn production_gateway_refuses_test_and_benchmark_switches() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("gateway.db");
+    let base = format!(
+        "listen = \"127.0.0.1:0\"\nmode = \"production\"\ndatabase = {database:?}\n\
+         [tls]\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\n\
+         [vault]\nendpoints = [\"https://127.0.0.1:1\"]\nserver_name = \"tessera-vault\"\nca = {:?}\n\
+         client_cert = {:?}\nclient_key = {:?}\n",
+        pki.cert("gateway"),
+        pki.key("gateway"),
+        pki.ca(),
+        pki.ca(),
+        pki.cert("gateway-client"),
+        pki.key("gateway-client"),
+    );
+    let floor = base.replacen("database =", "benchmark_floor = true\ndatabase =", 1);
+    let (ok, stderr) = run_gateway(dir.path(), &floor);
+    assert!(
+        !ok && stderr.contains("benchmark_floor is for benchmarks and is refused in production mode"),
+        "{stderr}"
+    );
+    let clock = format!(
+        "{base}[testing]\nclock_offset_file = {:?}\n",
+        dir.path().join("offset")
+    );
+    let (ok, stderr) = run_gateway(dir.path(), &clock);
+    assert!(
+        !ok && stderr.contains("clock_offset_file is for tests and is refused in production mode"),
+        "{stderr}"
+    );
+    if cfg!(debug_assertions) {
+        let (ok, stderr) = run_gateway(dir.path(), &base);
+        assert!(
+            !ok && stderr.contains("debug build"),
+            "a debug build ran in production mode: {stderr}"
+        );
+    }
+    assert!(!database.exists(), "a refused start must not create the database");
+}

@@ -14,6 +14,10 @@ use crate::policy::CallerPolicy;
 pub struct GatewayConfig {
     /// Address of the public mutual-TLS gRPC listener.
     pub listen: SocketAddr,
+    /// `production` refuses every switch that exists for tests and benchmarks (and a debug
+    /// build, checked by the binary); `development` is the default.
+    #[serde(default)]
+    pub mode: Mode,
     /// An SQLite file path (the embedded default) or a `postgres://` URL.
     pub database: String,
     pub tls: ServerTls,
@@ -37,6 +41,15 @@ pub struct GatewayConfig {
     /// Hooks for end-to-end tests; never set in production.
     #[serde(default)]
     pub testing: Testing,
+}
+
+/// What the deployment is for; production refuses test and benchmark switches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Development,
+    Production,
 }
 
 /// Token lifecycle timing.
@@ -184,6 +197,20 @@ impl GatewayConfig {
         for caller in &config.callers {
             caller.check().map_err(ConfigError::Invalid)?;
         }
+        if config.mode == Mode::Production {
+            // A moved clock breaks every retention and retry-guard rule, and the floor is an
+            // unauthenticated relay to the vault: neither may be reachable in production.
+            if config.testing.clock_offset_file.is_some() {
+                return Err(ConfigError::Invalid(
+                    "[testing] clock_offset_file is for tests and is refused in production mode".into(),
+                ));
+            }
+            if config.benchmark_floor {
+                return Err(ConfigError::Invalid(
+                    "benchmark_floor is for benchmarks and is refused in production mode".into(),
+                ));
+            }
+        }
         Ok(config)
     }
 }
@@ -226,6 +253,23 @@ mod tests {
             GatewayConfig::parse(&text),
             Err(ConfigError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn production_refuses_the_test_clock_and_the_benchmark_floor() {
+        let production = EXAMPLE.replace("database =", "mode = \"production\"\n        database =");
+        assert_eq!(GatewayConfig::parse(&production).unwrap().mode, Mode::Production);
+        let floor = production.replace("database =", "benchmark_floor = true\n        database =");
+        assert!(
+            matches!(GatewayConfig::parse(&floor), Err(ConfigError::Invalid(why)) if why.contains("benchmark_floor"))
+        );
+        let clock = format!("{production}\n        [testing]\n        clock_offset_file = \"/tmp/offset\"\n");
+        assert!(
+            matches!(GatewayConfig::parse(&clock), Err(ConfigError::Invalid(why)) if why.contains("clock_offset_file"))
+        );
+        // The same switches are accepted in development, where tests and benchmarks run.
+        let development = floor.replace("mode = \"production\"", "mode = \"development\"");
+        assert!(GatewayConfig::parse(&development).unwrap().benchmark_floor);
     }
 
     #[test]

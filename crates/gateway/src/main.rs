@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tessera_gateway::clock::Clock;
-use tessera_gateway::config::GatewayConfig;
+use tessera_gateway::config::{GatewayConfig, Mode};
 use tessera_gateway::server;
 
 /// Tessera's public gRPC gateway.
@@ -40,6 +40,11 @@ async fn run(args: Args) -> Result<(), String> {
     // rustls needs one process-wide provider; Tessera uses ring everywhere.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = GatewayConfig::load(&args.config).map_err(|err| err.to_string())?;
+    // Debug builds carry debug assertions and no optimisation: not a build to serve card
+    // traffic with, as the vault also refuses.
+    if config.mode == Mode::Production && cfg!(debug_assertions) {
+        return Err("production mode refuses a debug build; build with --release".into());
+    }
     let clock = match &config.testing.clock_offset_file {
         Some(path) => {
             tracing::warn!(path = %path.display(), "TEST CLOCK IN USE: time is offset by the file's value");
