@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tessera_api::v1::{Card, Initiator, Purpose, RecurringModel, ShopperInteraction};
-use tessera_gateway::group_commit::Journal;
+use tessera_gateway::storage::Journal;
 use tessera_gateway::purpose::check_purpose;
-use tessera_gateway::store::{Store, TokenRecord};
+use tessera_gateway::storage::{Store, TokenRecord};
 
 #[path = "../tests/support/mod.rs"]
 mod support;

@@ -4,26 +4,25 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod api;
 pub mod clock;
 pub mod config;
 pub mod error;
-pub mod events;
 pub mod floor;
-pub mod group_commit;
+pub mod handlers;
 pub mod idempotency;
-pub mod import;
 pub mod keyring;
+pub(crate) mod mapping;
 pub mod policy;
 pub mod purpose;
 pub mod reencrypt;
 pub mod retry_guard;
 pub mod server;
-pub mod store;
+pub mod service;
+pub mod state;
+pub mod storage;
 pub mod sweeper;
 pub mod transport_errors;
 pub mod validate;
 mod vault_batcher;
 pub mod vault_client;
 mod vault_pool;
-pub mod wal_checkpoint;

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::Gateway;
+use crate::state::Gateway;
 use crate::clock::Clock;
 
 /// The identity journalled for automatic expiry.

@@ -12,7 +12,7 @@
 mod support;
 
 use support::{due_record, journal_entry, PostgresDatabase};
-use tessera_gateway::store::{Store, Transition, STATUS_ACTIVE, STATUS_DELETED};
+use tessera_gateway::storage::{Store, Transition, STATUS_ACTIVE, STATUS_DELETED};
 
 const TOKENS: usize = 40;
 /// Deleted before the uses start.

@@ -19,10 +19,10 @@ use std::path::Path;
 
 use sqlx::migrate::Migrator;
 use support::{card_record, journal_entry, PostgresDatabase};
-use tessera_gateway::events::EventRow;
-use tessera_gateway::group_commit::Journal;
+use tessera_gateway::storage::EventRow;
+use tessera_gateway::storage::Journal;
 use tessera_gateway::retry_guard::{Outcome, Report};
-use tessera_gateway::store::{
+use tessera_gateway::storage::{
     JournalEntry, Store, TokenRecord, Transition, STATUS_ACTIVE, STATUS_DELETED, STATUS_PROVISIONAL,
 };
 

@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::{card_record, journal_entry, PostgresDatabase};
-use tessera_gateway::events::EventRow;
-use tessera_gateway::store::{Store, Transition, STATUS_ACTIVE, STATUS_DELETED};
+use tessera_gateway::storage::EventRow;
+use tessera_gateway::storage::{Store, Transition, STATUS_ACTIVE, STATUS_DELETED};
 
 const IMPORTS: usize = 8;
 const ROWS_PER_IMPORT: usize = 60;

@@ -16,9 +16,9 @@
 mod support;
 
 use support::{card_record, journal_entry, PostgresDatabase};
-use tessera_gateway::idempotency::MerchantReference;
+use tessera_gateway::storage::MerchantReference;
 use tessera_gateway::retry_guard::{Outcome, Report};
-use tessera_gateway::store::{Store, StoreError};
+use tessera_gateway::storage::{Store, StoreError};
 
 const AT: i64 = 1_800_000_000_000;
 const CONCURRENT: usize = 32;

@@ -18,7 +18,7 @@ mod support;
 use std::time::Duration;
 
 use support::{due_record, journal_entry, PostgresDatabase};
-use tessera_gateway::store::Store;
+use tessera_gateway::storage::Store;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sweepers_expire_each_token_once_sqlite() {

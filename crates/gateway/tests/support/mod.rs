@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use sqlx::{Connection as _, Executor as _};
-use tessera_gateway::store::{JournalEntry, TokenRecord, STATUS_ACTIVE};
+use tessera_gateway::storage::{JournalEntry, TokenRecord, STATUS_ACTIVE};
 
 /// An active card-on-file token of a Visa card expiring in December 2031, retained for good.
 pub fn card_record(merchant_id: &str, token: &str) -> TokenRecord {

@@ -23,7 +23,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 use zeroize::Zeroizing;
 
-use crate::api::{store_error, token_message, Gateway, Prepared};
+use super::tokenize::Prepared;
+use crate::mapping::token_message;
+use crate::state::Gateway;
+use crate::storage::store_error;
 use crate::error::ApiError;
 use crate::transport_errors::{explain, too_large};
 

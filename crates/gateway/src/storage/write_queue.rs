@@ -5,7 +5,7 @@
 //! is retried op by op, so one bad write never fails its neighbours.
 //!
 //! A write that carries a merchant reference claims it in the same transaction (see
-//! `crate::idempotency::claim_reference`): a strict reference already taken refuses that write
+//! [`claim_reference`]): a strict reference already taken refuses that write
 //! alone, and a token insert's claim is undone with it when the token collides.
 
 use std::fmt;
@@ -15,13 +15,14 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool, Connection as _, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use crate::clock::UnixMillis;
-use crate::idempotency::{claim_reference, MerchantReference};
-use crate::store::{
-    apply_transition, insert_journal, select_token, values_rows, Backend, StoreError, StoredKey, TokenRecord,
-    Transition, Tx, STATUS_ACTIVE, STATUS_CONSUMED, TOKEN_COLUMNS, TOKEN_COLUMN_COUNT,
+use super::records::{
+    apply_transition, claim_reference, insert_journal, select_token, values_rows, Backend, Journal,
+    MerchantReference, StoreError, StoredKey, TokenRecord, Transition, Tx, STATUS_ACTIVE, STATUS_CONSUMED, TOKEN_COLUMNS, TOKEN_COLUMN_COUNT,
 };
-use crate::wal_checkpoint::WalCheckpoints;
+use super::retry_guard;
+use super::wal_checkpoint::WalCheckpoints;
+use crate::clock::UnixMillis;
+use crate::retry_guard::{Report, ReportState};
 
 /// Most writes one transaction carries; bounds the latency a batch adds and the statement size.
 const MAX_BATCH: usize = 512;
@@ -32,35 +33,6 @@ const ROWS_PER_INSERT: usize = 256;
 const LAST_USED_PRECISION_MS: i64 = 60_000;
 /// Writes waiting for a writer; past this, requests wait to enqueue (back-pressure).
 const QUEUE_DEPTH: usize = 8192;
-
-/// A journal entry owned by a queued write.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Journal {
-    pub merchant_id: String,
-    pub token: String,
-    pub kind: &'static str,
-    pub caller: String,
-    pub at: UnixMillis,
-    pub purpose: String,
-    pub detail: String,
-    /// CONFIRM only: the payment reference it was confirmed with (carried by its event).
-    pub payment_reference: String,
-}
-
-impl From<&crate::store::JournalEntry<'_>> for Journal {
-    fn from(entry: &crate::store::JournalEntry<'_>) -> Self {
-        Self {
-            merchant_id: entry.merchant_id.to_owned(),
-            token: entry.token.to_owned(),
-            kind: entry.kind,
-            caller: entry.caller.to_owned(),
-            at: entry.at,
-            purpose: entry.purpose.to_owned(),
-            detail: entry.detail.to_owned(),
-            payment_reference: entry.payment_reference.to_owned(),
-        }
-    }
-}
 
 /// One write of one request.
 #[derive(Debug, Clone)]
@@ -89,7 +61,7 @@ pub enum WriteOp {
     /// Record an authorisation outcome and apply the retry guard's rules, unless its merchant
     /// reference is strict and taken.
     ReportAuthorization {
-        report: Box<crate::retry_guard::Report>,
+        report: Box<Report>,
         reference: Option<MerchantReference>,
     },
     /// Record a merchant reference alone (a deduplicated tokenize, which stores no token).
@@ -116,7 +88,7 @@ pub enum WriteReply {
     /// `false` when the token stopped being usable first.
     Used(bool),
     /// The card's retry-guard state after a report.
-    Reported(crate::retry_guard::ReportState),
+    Reported(ReportState),
     /// The write's strict merchant reference was seen in the last 24 hours; nothing was
     /// written.
     ReferenceTaken,
@@ -348,7 +320,7 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
                 }
             }
             WriteOp::ReportAuthorization { report, .. } => {
-                WriteReply::Reported(crate::retry_guard::apply(&mut tx, report).await?)
+                WriteReply::Reported(retry_guard::apply(&mut tx, report).await?)
             }
             // Claimed in `claim_references`, which answered it.
             WriteOp::RecordReference(_) => WriteReply::Done,
@@ -814,7 +786,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::store::{JournalEntry, Store, STATUS_DELETED};
+    use crate::storage::{JournalEntry, Store, STATUS_DELETED};
 
     const MERCHANT: &str = "m_batch";
     const NOW: UnixMillis = 1_800_000_000_000;
@@ -896,7 +868,7 @@ mod tests {
         store
     }
 
-    fn kinds(history: &[crate::store::JournalRecord]) -> Vec<&str> {
+    fn kinds(history: &[crate::storage::JournalRecord]) -> Vec<&str> {
         history.iter().map(|entry| entry.kind.as_str()).collect()
     }
 
