@@ -18,11 +18,11 @@
 //! with one strict reference exactly one succeeds.
 
 use prost::Message;
-use tessera_api::v1::{
-    tokenize_request, ConfirmTokenRequest, DeleteTokenRequest, ExtendRetentionRequest, ReportAuthorizationRequest,
-    TokenizeRequest,
-};
 use ring::digest::{digest, SHA256};
+use tessera_api::v1::{
+    tokenize_request, ConfirmTokenRequest, DeleteTokenRequest, ExtendRetentionRequest,
+    ReportAuthorizationRequest, TokenizeRequest,
+};
 
 use crate::clock::UnixMillis;
 use crate::error::ApiError;

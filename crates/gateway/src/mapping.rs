@@ -3,22 +3,31 @@
 //! between the public and the vault messages.
 
 use tessera_api::v1::{
-    detokenize_response, tokenize_request, BankAccount, Card, CardBrand, Contact, DataType, Token, TokenFormat,
-    TokenStatus, TransactionType,
+    detokenize_response, tokenize_request, BankAccount, Card, CardBrand, Contact, DataType, Token,
+    TokenFormat, TokenStatus, TransactionType,
 };
 use tessera_api::vault::{self, secret_data, SecretData};
 
 use crate::clock::UnixMillis;
 use crate::error::ApiError;
-use crate::purpose::Kind;
-use crate::storage::{TokenRecord, STATUS_CONSUMED, STATUS_DELETED, STATUS_EXPIRED, STATUS_PROVISIONAL};
+use crate::storage::{self, JournalKind, TokenRecord};
 use crate::validate;
 
-pub(crate) fn format_name(format: TokenFormat) -> &'static str {
+/// The stored format of a requested one (unspecified means opaque).
+pub(crate) fn stored_format(format: TokenFormat) -> storage::TokenFormat {
     match format {
-        TokenFormat::FormatPreserving => "format_preserving",
-        TokenFormat::Opaque | TokenFormat::Unspecified => "opaque",
+        TokenFormat::FormatPreserving => storage::TokenFormat::FormatPreserving,
+        TokenFormat::Opaque | TokenFormat::Unspecified => storage::TokenFormat::Opaque,
     }
+}
+
+/// The data type the vault named for protected data. The vault and the gateway share these
+/// names; one the gateway does not know is refused rather than stored.
+pub(crate) fn stored_data_type(named: &str) -> Result<storage::DataType, ApiError> {
+    storage::DataType::parse(named).map_err(|_| {
+        tracing::error!(data_type = named, "the vault named an unknown data type");
+        ApiError::internal("VAULT_ERROR", "the vault answered with an unknown data type")
+    })
 }
 
 pub(crate) fn timestamp(ms: UnixMillis) -> prost_types::Timestamp {
@@ -29,23 +38,22 @@ pub(crate) fn timestamp(ms: UnixMillis) -> prost_types::Timestamp {
 }
 
 pub(crate) fn status_of(record: &TokenRecord) -> TokenStatus {
-    match record.status.as_str() {
-        STATUS_PROVISIONAL => TokenStatus::Provisional,
-        STATUS_DELETED => TokenStatus::Deleted,
-        STATUS_EXPIRED => TokenStatus::Expired,
-        STATUS_CONSUMED => TokenStatus::Consumed,
-        _ => TokenStatus::Active,
+    match record.status {
+        storage::TokenStatus::Provisional => TokenStatus::Provisional,
+        storage::TokenStatus::Active => TokenStatus::Active,
+        storage::TokenStatus::Deleted => TokenStatus::Deleted,
+        storage::TokenStatus::Expired => TokenStatus::Expired,
+        storage::TokenStatus::Consumed => TokenStatus::Consumed,
     }
 }
 
-pub(crate) fn data_type_of(stored: &str) -> DataType {
+pub(crate) fn data_type_of(stored: storage::DataType) -> DataType {
     match stored {
-        "card" => DataType::Card,
-        "bank_account" => DataType::BankAccount,
-        "email" => DataType::Email,
-        "phone" => DataType::Phone,
-        "cvc" => DataType::Cvc,
-        _ => DataType::Unspecified,
+        storage::DataType::Card => DataType::Card,
+        storage::DataType::BankAccount => DataType::BankAccount,
+        storage::DataType::Email => DataType::Email,
+        storage::DataType::Phone => DataType::Phone,
+        storage::DataType::Cvc => DataType::Cvc,
     }
 }
 
@@ -61,10 +69,9 @@ pub(crate) fn brand_of(stored: &str) -> CardBrand {
 /// The public metadata of a record.
 pub(crate) fn token_message(record: &TokenRecord) -> Token {
     let brand = brand_of(&record.brand);
-    let format = if record.format == "format_preserving" {
-        TokenFormat::FormatPreserving
-    } else {
-        TokenFormat::Opaque
+    let format = match record.format {
+        storage::TokenFormat::FormatPreserving => TokenFormat::FormatPreserving,
+        storage::TokenFormat::Opaque => TokenFormat::Opaque,
     };
     Token {
         token: record.token.clone(),
@@ -78,8 +85,8 @@ pub(crate) fn token_message(record: &TokenRecord) -> Token {
         created_at: Some(timestamp(record.created_at)),
         format: format as i32,
         shopper_reference: record.shopper_reference.clone(),
-        kind: Kind::parse(&record.kind).to_proto() as i32,
-        data_type: data_type_of(&record.data_type) as i32,
+        kind: record.kind.to_proto() as i32,
+        data_type: data_type_of(record.data_type) as i32,
         last_used_at: record.last_used_at.map(timestamp),
         retain_until: Some(timestamp(record.retain_until)),
         expires_at: record.expires_at.map(timestamp),
@@ -151,17 +158,16 @@ pub(crate) fn public_data(revealed: &mut vault::Revealed) -> Option<detokenize_r
     }
 }
 
-pub(crate) fn transaction_type(kind: &str) -> TransactionType {
+pub(crate) fn transaction_type(kind: JournalKind) -> TransactionType {
     match kind {
-        "TK" => TransactionType::Tokenize,
-        "DT" => TransactionType::Detokenize,
-        "DL" => TransactionType::Delete,
-        "CONFIRM" => TransactionType::Confirm,
-        "EXTEND" => TransactionType::Extend,
-        "EXPIRE" => TransactionType::Expire,
-        "AUTH" => TransactionType::Authorization,
-        "BLOCK" => TransactionType::Block,
-        "UNBLOCK" => TransactionType::Unblock,
-        _ => TransactionType::Unspecified,
+        JournalKind::Tokenize => TransactionType::Tokenize,
+        JournalKind::Detokenize => TransactionType::Detokenize,
+        JournalKind::Delete => TransactionType::Delete,
+        JournalKind::Confirm => TransactionType::Confirm,
+        JournalKind::Extend => TransactionType::Extend,
+        JournalKind::Expire => TransactionType::Expire,
+        JournalKind::Authorization => TransactionType::Authorization,
+        JournalKind::Block => TransactionType::Block,
+        JournalKind::Unblock => TransactionType::Unblock,
     }
 }

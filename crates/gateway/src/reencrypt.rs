@@ -195,7 +195,10 @@ async fn reencrypt_batch(
             }
         }
     }
-    let replaced = gateway.store.replace_ciphertexts(merchant_id, reencrypted).await?;
+    let replaced = gateway
+        .store
+        .replace_ciphertexts(merchant_id, reencrypted)
+        .await?;
     Ok(Some((usize::try_from(replaced).unwrap_or(usize::MAX), last)))
 }
 
@@ -211,7 +214,10 @@ async fn destroy_unreferenced(
     let current_created = gateway.store.data_key_created_at(merchant_id, current).await?;
     let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
     let superseded_long_enough = gateway.clock.now_ms().saturating_sub(current_created) >= grace_ms;
-    let versions = gateway.store.data_key_versions_before(merchant_id, current).await?;
+    let versions = gateway
+        .store
+        .data_key_versions_before(merchant_id, current)
+        .await?;
     for version in versions {
         let address = (merchant_id.to_owned(), version);
         let references = gateway.store.records_under_key(merchant_id, version).await?;

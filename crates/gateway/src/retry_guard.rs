@@ -8,7 +8,6 @@ use serde::Deserialize;
 
 use crate::clock::UnixMillis;
 
-
 /// A scheme's limit: at most `limit` failed attempts in `window_hours`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -13,14 +13,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::admin::KeyAdminService;
-use crate::service::TokenizationService;
-use crate::state::Gateway;
 use crate::clock::Clock;
 use crate::config::GatewayConfig;
 use crate::floor::FloorService;
 use crate::keyring::KeyRing;
 use crate::policy::Policy;
 use crate::reencrypt;
+use crate::service::TokenizationService;
+use crate::state::Gateway;
 use crate::storage::Store;
 use crate::sweeper;
 use crate::transport_errors::TransportErrorsLayer;

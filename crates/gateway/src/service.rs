@@ -10,9 +10,9 @@ use tessera_api::limits::MAX_REQUEST_BYTES;
 use tessera_api::v1::tokenization_server::Tokenization;
 use tessera_api::v1::{
     ConfirmTokenRequest, DeleteTokenRequest, DeleteTokenResponse, DetokenizeRequest, DetokenizeResponse,
-    ExtendRetentionRequest, GetTokenHistoryRequest, GetTokenHistoryResponse, GetTokenRequest, ListTokensRequest,
-    ListTokensResponse, ReportAuthorizationRequest, ReportAuthorizationResponse, SubscribeEventsRequest, Token,
-    TokenizeRequest, TokenizeResponse,
+    ExtendRetentionRequest, GetTokenHistoryRequest, GetTokenHistoryResponse, GetTokenRequest,
+    ListTokensRequest, ListTokensResponse, ReportAuthorizationRequest, ReportAuthorizationResponse,
+    SubscribeEventsRequest, Token, TokenizeRequest, TokenizeResponse,
 };
 use tonic::{Request, Response, Status};
 

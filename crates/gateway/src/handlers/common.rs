@@ -9,10 +9,7 @@ use crate::error::ApiError;
 use crate::idempotency::MerchantReference;
 use crate::policy::Operation;
 use crate::state::Gateway;
-use crate::storage::{
-    store_error, JournalEntry, StoreError, TokenRecord, Transition, STATUS_ACTIVE, STATUS_CONSUMED,
-    STATUS_DELETED, STATUS_EXPIRED, STATUS_PROVISIONAL,
-};
+use crate::storage::{store_error, DataType, JournalEntry, StoreError, TokenRecord, TokenStatus, Transition};
 use crate::validate;
 
 /// Card tokens are kept this long after the card expires; other tokens this long after their
@@ -47,10 +44,10 @@ pub(crate) fn past_deadline(record: &TokenRecord, now: UnixMillis) -> bool {
 
 /// Refuses a token that no longer exists for its caller: deleted, expired or consumed.
 pub(crate) fn check_exists(record: &TokenRecord, now: UnixMillis) -> Result<(), ApiError> {
-    match record.status.as_str() {
-        STATUS_DELETED => Err(ApiError::not_found("TOKEN_DELETED", "the token was deleted")),
-        STATUS_EXPIRED => Err(ApiError::not_found("TOKEN_EXPIRED", "the token expired")),
-        STATUS_PROVISIONAL | STATUS_ACTIVE if past_deadline(record, now) => {
+    match record.status {
+        TokenStatus::Deleted => Err(ApiError::not_found("TOKEN_DELETED", "the token was deleted")),
+        TokenStatus::Expired => Err(ApiError::not_found("TOKEN_EXPIRED", "the token expired")),
+        TokenStatus::Provisional | TokenStatus::Active if past_deadline(record, now) => {
             Err(ApiError::not_found("TOKEN_EXPIRED", "the token expired"))
         }
         _ => Ok(()),
@@ -60,12 +57,12 @@ pub(crate) fn check_exists(record: &TokenRecord, now: UnixMillis) -> Result<(), 
 /// Refuses a token that cannot be used now.
 pub(crate) fn check_usable(record: &TokenRecord, now: UnixMillis) -> Result<(), ApiError> {
     check_exists(record, now)?;
-    match record.status.as_str() {
-        STATUS_CONSUMED => Err(ApiError::not_found(
+    match record.status {
+        TokenStatus::Consumed => Err(ApiError::not_found(
             "TOKEN_CONSUMED",
             "the single-use token was already used",
         )),
-        STATUS_PROVISIONAL => Err(precondition(
+        TokenStatus::Provisional => Err(precondition(
             "TOKEN_PROVISIONAL",
             "the token is provisional until ConfirmToken confirms the payment that created it",
         )),
@@ -75,8 +72,13 @@ pub(crate) fn check_usable(record: &TokenRecord, now: UnixMillis) -> Result<(), 
 
 /// When a token with these facts is deleted by the retention rules, counted from `from` for
 /// data other than cards.
-pub(crate) fn retention_end(data_type: &str, expiry: (u32, u32), from: UnixMillis, extended_months: u32) -> UnixMillis {
-    let base = if data_type == "card" {
+pub(crate) fn retention_end(
+    data_type: DataType,
+    expiry: (u32, u32),
+    from: UnixMillis,
+    extended_months: u32,
+) -> UnixMillis {
+    let base = if data_type == DataType::Card {
         end_of_month(expiry.1, expiry.0)
     } else {
         from
@@ -174,9 +176,15 @@ mod tests {
 
     #[test]
     fn card_retention_counts_from_the_end_of_the_expiry_month() {
-        let until = retention_end("card", (12, 2030), 0, 0);
+        let until = retention_end(DataType::Card, (12, 2030), 0, 0);
         assert_eq!(until, add_months(end_of_month(2030, 12), 14));
-        assert_eq!(retention_end("card", (12, 2030), 0, 3), add_months(until, 3));
-        assert_eq!(retention_end("email", (0, 0), 1_000, 0), add_months(1_000, 14));
+        assert_eq!(
+            retention_end(DataType::Card, (12, 2030), 0, 3),
+            add_months(until, 3)
+        );
+        assert_eq!(
+            retention_end(DataType::Email, (0, 0), 1_000, 0),
+            add_months(1_000, 14)
+        );
     }
 }

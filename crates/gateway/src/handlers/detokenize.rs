@@ -12,7 +12,7 @@ use crate::mapping::public_data;
 use crate::policy::Operation;
 use crate::purpose::{check_kind, check_purpose, CheckedPurpose, Kind};
 use crate::state::Gateway;
-use crate::storage::{store_error, JournalEntry, TokenRecord};
+use crate::storage::{store_error, DataType, JournalEntry, JournalKind, TokenRecord};
 use crate::validate;
 
 impl Gateway {
@@ -77,7 +77,7 @@ impl Gateway {
         let now = self.clock.now_ms();
         let record = self.lookup(&request.merchant_id, &request.token).await?;
         check_usable(&record, now)?;
-        if record.data_type == "cvc" {
+        if record.data_type == DataType::Cvc {
             return Err(precondition(
                 "CVC_ONLY_TOKEN",
                 "a CVC-only token is not detokenized itself; name it as cvc_token of a card-on-file detokenize",
@@ -89,7 +89,7 @@ impl Gateway {
                 "shopper_reference differs from the one the token was created with",
             ));
         }
-        let kind = Kind::parse(&record.kind);
+        let kind = record.kind;
         check_kind(kind, purpose)?;
         if purpose.merchant_initiated() {
             self.check_retry_guard(&record, &request.acquiring_agreement, now)
@@ -135,13 +135,13 @@ impl Gateway {
                 },
             )
             .await?;
-        let retain_until = (record.data_type != "card")
-            .then(|| retention_end(&record.data_type, (0, 0), now, record.retention_extended_months));
+        let retain_until = (record.data_type != DataType::Card)
+            .then(|| retention_end(record.data_type, (0, 0), now, record.retention_extended_months));
         let purpose_text = purpose.journal_text();
         let entry = JournalEntry {
             merchant_id: &record.merchant_id,
             token: &record.token,
-            kind: "DT",
+            kind: JournalKind::Detokenize,
             caller: &caller,
             at: now,
             purpose: &purpose_text,
@@ -248,7 +248,7 @@ impl Gateway {
                 ApiError::not_found("CVC_TOKEN_NOT_FOUND", "no such CVC token for this merchant")
             })?;
         check_usable(&cvc, now)?;
-        if cvc.data_type != "cvc" || !cvc.holds_cvc {
+        if cvc.data_type != DataType::Cvc || !cvc.holds_cvc {
             return Err(precondition(
                 "NOT_A_CVC_TOKEN",
                 "cvc_token does not name a CVC-only single-use token",

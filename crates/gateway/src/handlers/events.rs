@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_api::v1::{EventType, SubscribeEventsRequest, TokenEvent, TokenKind};
+use tessera_api::v1::{DataType, EventType, SubscribeEventsRequest, TokenEvent, TokenKind};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -36,11 +36,7 @@ fn event_message(row: EventRow) -> TokenEvent {
         EventType::from_str_name(&format!("EVENT_TYPE_{}", row.kind)).unwrap_or(EventType::Unspecified);
     // Empty only if the event's token row was missing when it was written, which no code path
     // does; then the event says nothing about the kind rather than guess card-on-file.
-    let token_kind = if row.token_kind.is_empty() {
-        TokenKind::Unspecified
-    } else {
-        Kind::parse(&row.token_kind).to_proto()
-    };
+    let token_kind = row.token_kind.map_or(TokenKind::Unspecified, Kind::to_proto);
     TokenEvent {
         sequence: u64::try_from(row.seq).unwrap_or(0),
         r#type: kind as i32,
@@ -53,7 +49,7 @@ fn event_message(row: EventRow) -> TokenEvent {
         detail: row.detail,
         shopper_reference: row.shopper_reference,
         token_kind: token_kind as i32,
-        data_type: data_type_of(&row.data_type) as i32,
+        data_type: row.data_type.map_or(DataType::Unspecified, data_type_of) as i32,
         brand: brand_of(&row.brand) as i32,
         last_four: row.last_four,
         expiry_month: row.expiry_month,

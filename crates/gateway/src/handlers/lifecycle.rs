@@ -13,9 +13,7 @@ use crate::mapping::{timestamp, token_message};
 use crate::policy::Operation;
 use crate::retry_guard::{Outcome, Report};
 use crate::state::Gateway;
-use crate::storage::{
-    store_error, JournalEntry, Transition, STATUS_ACTIVE, STATUS_CONSUMED, STATUS_DELETED, STATUS_PROVISIONAL,
-};
+use crate::storage::{store_error, JournalEntry, JournalKind, TokenStatus, Transition};
 use crate::validate;
 
 /// The most retention ExtendRetention may add over a token's life.
@@ -116,11 +114,11 @@ impl Gateway {
         let entry = JournalEntry {
             merchant_id: &request.merchant_id,
             token: &request.token,
-            kind: "DL",
+            kind: JournalKind::Delete,
             caller: &caller,
             at: now,
             purpose: "",
-            detail: if record.status == STATUS_PROVISIONAL {
+            detail: if record.status == TokenStatus::Provisional {
                 "DISCARDED"
             } else {
                 ""
@@ -128,8 +126,12 @@ impl Gateway {
             payment_reference: "",
         };
         let change = Transition {
-            from: &[STATUS_PROVISIONAL, STATUS_ACTIVE, STATUS_CONSUMED],
-            to: STATUS_DELETED,
+            from: &[
+                TokenStatus::Provisional,
+                TokenStatus::Active,
+                TokenStatus::Consumed,
+            ],
+            to: TokenStatus::Deleted,
             destroy: true,
             clear_deadline: false,
         };
@@ -150,7 +152,7 @@ impl Gateway {
         let now = self.clock.now_ms();
         let record = self.lookup(&request.merchant_id, &request.token).await?;
         check_exists(&record, now)?;
-        if record.status != STATUS_PROVISIONAL {
+        if record.status != TokenStatus::Provisional {
             return Err(precondition(
                 "TOKEN_NOT_PROVISIONAL",
                 "only a provisional token can be confirmed",
@@ -167,7 +169,7 @@ impl Gateway {
         let entry = JournalEntry {
             merchant_id: &request.merchant_id,
             token: &request.token,
-            kind: "CONFIRM",
+            kind: JournalKind::Confirm,
             caller: &caller,
             at: now,
             purpose: "",
@@ -175,8 +177,8 @@ impl Gateway {
             payment_reference: &request.payment_reference,
         };
         let change = Transition {
-            from: &[STATUS_PROVISIONAL],
-            to: STATUS_ACTIVE,
+            from: &[TokenStatus::Provisional],
+            to: TokenStatus::Active,
             destroy: false,
             clear_deadline: true,
         };
@@ -211,7 +213,7 @@ impl Gateway {
         let entry = JournalEntry {
             merchant_id: &request.merchant_id,
             token: &request.token,
-            kind: "EXTEND",
+            kind: JournalKind::Extend,
             caller: &caller,
             at: now,
             purpose: "",

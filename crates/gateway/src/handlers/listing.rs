@@ -2,8 +2,8 @@
 //! history.
 
 use tessera_api::v1::{
-    CardBlock, GetTokenHistoryRequest, GetTokenHistoryResponse, GetTokenRequest, JournalEntry as ApiJournalEntry,
-    ListTokensRequest, ListTokensResponse, Token, TokenStatus,
+    CardBlock, GetTokenHistoryRequest, GetTokenHistoryResponse, GetTokenRequest,
+    JournalEntry as ApiJournalEntry, ListTokensRequest, ListTokensResponse, Token, TokenStatus,
 };
 
 use super::common::past_deadline;
@@ -12,7 +12,7 @@ use crate::mapping::{timestamp, token_message, transaction_type};
 use crate::policy::Operation;
 use crate::purpose::CheckedPurpose;
 use crate::state::Gateway;
-use crate::storage::{store_error, ListCursor, STATUS_ACTIVE, STATUS_PROVISIONAL};
+use crate::storage::{self, store_error, ListCursor};
 use crate::validate;
 
 const DEFAULT_PAGE_SIZE: u32 = 20;
@@ -57,7 +57,11 @@ fn parse_history_cursor(page_token: &str) -> Result<i64, ApiError> {
 }
 
 impl Gateway {
-    pub(crate) async fn get_token(&self, caller: Option<String>, request: GetTokenRequest) -> Result<Token, ApiError> {
+    pub(crate) async fn get_token(
+        &self,
+        caller: Option<String>,
+        request: GetTokenRequest,
+    ) -> Result<Token, ApiError> {
         self.authorized(
             caller,
             Operation::ReadMetadata,
@@ -69,7 +73,10 @@ impl Gateway {
         // A metadata read answers for a token that is no longer usable too, flagged with its
         // status (as DeleteToken's answer is); only the operations that use a token refuse it.
         let mut token = token_message(&record);
-        if matches!(record.status.as_str(), STATUS_PROVISIONAL | STATUS_ACTIVE) && past_deadline(&record, now)
+        if matches!(
+            record.status,
+            storage::TokenStatus::Provisional | storage::TokenStatus::Active
+        ) && past_deadline(&record, now)
         {
             // Past its deadline, the token is expired even before the sweeper records it.
             token.status = TokenStatus::Expired as i32;
@@ -166,7 +173,7 @@ impl Gateway {
                 .into_iter()
                 .map(|entry| ApiJournalEntry {
                     transaction_id: u64::try_from(entry.id).unwrap_or(0),
-                    r#type: transaction_type(&entry.kind) as i32,
+                    r#type: transaction_type(entry.kind) as i32,
                     at: Some(timestamp(entry.at)),
                     caller: entry.caller,
                     purpose: CheckedPurpose::from_journal_text(&entry.purpose),

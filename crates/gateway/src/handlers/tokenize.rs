@@ -10,11 +10,11 @@ use super::common::{reference_error, retention_end};
 use crate::clock::UnixMillis;
 use crate::error::ApiError;
 use crate::idempotency::MerchantReference;
-use crate::mapping::{format_name, secret_data, token_message};
+use crate::mapping::{secret_data, stored_data_type, stored_format, token_message};
 use crate::policy::Operation;
 use crate::purpose::Kind;
 use crate::state::Gateway;
-use crate::storage::{store_error, Journal, StoreError, TokenRecord, STATUS_ACTIVE, STATUS_PROVISIONAL};
+use crate::storage::{store_error, Journal, JournalKind, StoreError, TokenRecord, TokenStatus};
 use crate::validate;
 
 /// How often a tokenize retries when a format-preserving token collides with an existing one.
@@ -130,15 +130,17 @@ impl Gateway {
         Ok(vec![(*data_key).clone(), (*fingerprint_key).clone()])
     }
 
-    /// The record (and its TK journal entry) of a protected item.
+    /// The record (and its TK journal entry) of a protected item; an error when the vault named
+    /// a data type the gateway does not know.
     pub(crate) fn record_for(
         &self,
         prepared: &Prepared,
         protected: vault::Protected,
         caller: &str,
         now: UnixMillis,
-    ) -> (TokenRecord, Journal) {
+    ) -> Result<(TokenRecord, Journal), ApiError> {
         let facts = protected.facts.clone().unwrap_or_default();
+        let data_type = stored_data_type(&facts.data_type)?;
         let deadline = match (prepared.provisional, prepared.kind) {
             (true, _) => {
                 Some(now + i64::try_from(self.lifecycle.provisional_ttl_secs).unwrap_or(3600) * 1000)
@@ -149,10 +151,10 @@ impl Gateway {
         let record = TokenRecord {
             merchant_id: prepared.merchant_id.clone(),
             token: protected.token,
-            kind: prepared.kind.as_str().to_owned(),
-            retain_until: retention_end(&facts.data_type, (facts.expiry_month, facts.expiry_year), now, 0),
-            data_type: facts.data_type,
-            format: format_name(prepared.format).to_owned(),
+            kind: prepared.kind,
+            retain_until: retention_end(data_type, (facts.expiry_month, facts.expiry_year), now, 0),
+            data_type,
+            format: stored_format(prepared.format),
             brand: facts.brand,
             first_six: facts.first_six,
             last_four: facts.last_four,
@@ -166,11 +168,10 @@ impl Gateway {
             holds_cvc: protected.holds_cvc,
             cvc_vault: String::new(),
             status: if prepared.provisional {
-                STATUS_PROVISIONAL
+                TokenStatus::Provisional
             } else {
-                STATUS_ACTIVE
-            }
-            .to_owned(),
+                TokenStatus::Active
+            },
             created_at: now,
             last_used_at: None,
             ended_at: None,
@@ -180,14 +181,14 @@ impl Gateway {
         let journal = Journal {
             merchant_id: record.merchant_id.clone(),
             token: record.token.clone(),
-            kind: "TK",
+            kind: JournalKind::Tokenize,
             caller: caller.to_owned(),
             at: now,
             purpose: String::new(),
             detail: if prepared.provisional { "PROVISIONAL" } else { "" }.to_owned(),
             payment_reference: String::new(),
         };
-        (record, journal)
+        Ok((record, journal))
     }
 
     pub(crate) async fn tokenize(
@@ -231,7 +232,7 @@ impl Gateway {
                     .usable_token_by_fingerprint(
                         merchant_id,
                         &prepared.shopper_reference,
-                        prepared.kind.as_str(),
+                        prepared.kind,
                         &protected.fingerprint,
                         now,
                     )
@@ -251,7 +252,7 @@ impl Gateway {
                     });
                 }
             }
-            let (mut record, journal) = self.record_for(prepared, protected, caller, now);
+            let (mut record, journal) = self.record_for(prepared, protected, caller, now)?;
             if record.holds_cvc {
                 // Only this vault holds the CVC: reveals that want it must go there.
                 record.cvc_vault = served_by;
@@ -262,7 +263,7 @@ impl Gateway {
                 .await
             {
                 Ok(()) => {
-                    tracing::info!(merchant_id, token = %record.token, kind = %record.kind, "tokenized");
+                    tracing::info!(merchant_id, token = %record.token, kind = record.kind.as_str(), "tokenized");
                     return Ok(TokenizeResponse {
                         token: Some(token_message(&record)),
                         existing: false,

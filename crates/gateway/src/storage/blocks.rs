@@ -2,7 +2,7 @@
 
 use sqlx::Row;
 
-use super::records::{insert_journal, Journal, StoreError};
+use super::records::{insert_journal, Journal, JournalKind, StoreError};
 use super::store::Store;
 use crate::clock::UnixMillis;
 use crate::retry_guard::Block;
@@ -52,7 +52,7 @@ impl Store {
             let entry = Journal {
                 merchant_id: row.try_get("merchant_id")?,
                 token: row.try_get("token")?,
-                kind: "UNBLOCK",
+                kind: JournalKind::Unblock,
                 caller: caller.to_owned(),
                 at: now,
                 purpose: String::new(),

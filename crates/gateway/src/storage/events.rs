@@ -3,9 +3,10 @@
 
 use sqlx::Row;
 
-use super::records::{u32_column, StoreError};
+use super::records::{enum_column, kind_of, u32_column, DataType, StoreError};
 use super::store::Store;
 use crate::clock::UnixMillis;
+use crate::purpose::Kind;
 
 /// An event as stored: what happened, and the facts of its token (as `tokens` stores them).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,9 +18,10 @@ pub struct EventRow {
     pub at: UnixMillis,
     pub detail: String,
     pub shopper_reference: String,
-    /// The token's kind (card_on_file, recurrence, single_use).
-    pub token_kind: String,
-    pub data_type: String,
+    /// The token's kind; `None` only if the event's token row was missing when it was written.
+    pub token_kind: Option<Kind>,
+    /// The token's data type; `None` as for `token_kind`.
+    pub data_type: Option<DataType>,
     pub brand: String,
     pub last_four: String,
     pub expiry_month: u32,
@@ -56,8 +58,8 @@ impl Store {
                     at: row.try_get("at")?,
                     detail: row.try_get("detail")?,
                     shopper_reference: row.try_get("shopper_reference")?,
-                    token_kind: row.try_get("token_kind")?,
-                    data_type: row.try_get("data_type")?,
+                    token_kind: enum_column(row, "token_kind", |text| optional(text, kind_of))?,
+                    data_type: enum_column(row, "data_type", |text| optional(text, DataType::parse))?,
                     brand: row.try_get("brand")?,
                     last_four: row.try_get("last_four")?,
                     expiry_month: u32_column(row, "expiry_month")?,
@@ -65,8 +67,18 @@ impl Store {
                     payment_reference: row.try_get("payment_reference")?,
                 })
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+            .collect()
     }
 }
 
+/// An event's copy of a token fact: empty when its token row was missing, else stored text.
+fn optional<T>(
+    text: &str,
+    parse: impl FnOnce(&str) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    if text.is_empty() {
+        Ok(None)
+    } else {
+        parse(text).map(Some)
+    }
+}

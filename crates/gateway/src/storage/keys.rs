@@ -99,7 +99,11 @@ impl Store {
     }
 
     /// Up to `limit` stored keys after `after` (merchant, purpose, version), in that order.
-    pub async fn keys_after(&self, after: &(String, String, i64), limit: i64) -> Result<Vec<KeyRow>, StoreError> {
+    pub async fn keys_after(
+        &self,
+        after: &(String, String, i64),
+        limit: i64,
+    ) -> Result<Vec<KeyRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT merchant_id, purpose, version, blob FROM merchant_keys \
              WHERE merchant_id > $1 OR (merchant_id = $1 AND purpose > $2) \
@@ -235,7 +239,11 @@ impl Store {
     }
 
     /// The merchant's data-key versions older than `current`.
-    pub async fn data_key_versions_before(&self, merchant_id: &str, current: u32) -> Result<Vec<u32>, StoreError> {
+    pub async fn data_key_versions_before(
+        &self,
+        merchant_id: &str,
+        current: u32,
+    ) -> Result<Vec<u32>, StoreError> {
         let rows = sqlx::query(
             "SELECT version FROM merchant_keys WHERE merchant_id = $1 AND purpose = 'data' AND version < $2",
         )
@@ -259,7 +267,11 @@ impl Store {
 
     /// Deletes data-key `version`, in the same statement checking that a newer version exists
     /// and no record references it; returns the rows deleted.
-    pub async fn destroy_unreferenced_data_key(&self, merchant_id: &str, version: u32) -> Result<u64, StoreError> {
+    pub async fn destroy_unreferenced_data_key(
+        &self,
+        merchant_id: &str,
+        version: u32,
+    ) -> Result<u64, StoreError> {
         Ok(sqlx::query(
             "DELETE FROM merchant_keys WHERE merchant_id = $1 AND purpose = 'data' AND version = $2 \
              AND version < (SELECT MAX(version) FROM merchant_keys WHERE merchant_id = $1 AND purpose = 'data') \

@@ -34,7 +34,7 @@ pub use idempotency::{Begin, Claim};
 pub use keys::{KeyRow, Reencrypted, Rewrapped, SealedRecord};
 pub(crate) use records::store_error;
 pub use records::{
-    Backend, Journal, JournalEntry, JournalRecord, ListCursor, MerchantReference, StoreError, StoredKey, Swept,
-    TokenRecord, Transition, STATUS_ACTIVE, STATUS_CONSUMED, STATUS_DELETED, STATUS_EXPIRED, STATUS_PROVISIONAL,
+    Backend, DataType, Journal, JournalEntry, JournalKind, JournalRecord, ListCursor, MerchantReference,
+    StoreError, StoredKey, Swept, TokenFormat, TokenRecord, TokenStatus, Transition,
 };
 pub use store::Store;

@@ -9,6 +9,7 @@ use sqlx::Row;
 
 use crate::clock::UnixMillis;
 use crate::error::ApiError;
+use crate::purpose::Kind;
 
 /// How long a first answer is replayed.
 pub(crate) const REPLAY_WINDOW_MS: i64 = 24 * 3_600_000;
@@ -59,21 +60,122 @@ pub struct StoredKey {
     pub blob: Vec<u8>,
 }
 
-/// Token lifecycle states as stored.
-pub const STATUS_PROVISIONAL: &str = "provisional";
-pub const STATUS_ACTIVE: &str = "active";
-pub const STATUS_DELETED: &str = "deleted";
-pub const STATUS_EXPIRED: &str = "expired";
-pub const STATUS_CONSUMED: &str = "consumed";
+/// An enum stored as text: `as_str` is the text written, `parse` reads it back, and text that
+/// names no value is an error (the database holds something this gateway does not know), never
+/// a silent default.
+macro_rules! stored_text {
+    (
+        $(#[$meta:meta])*
+        $name:ident in $column:literal {
+            $($(#[$variant_meta:meta])* $variant:ident => $text:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$variant_meta])* $variant,)+
+        }
+
+        impl $name {
+            /// The text stored for this value.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)+
+                }
+            }
+
+            /// The value of stored text.
+            pub fn parse(stored: &str) -> Result<Self, StoreError> {
+                match stored {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(StoreError::Query(format!(
+                        concat!("unknown ", $column, " {:?} in storage"),
+                        other
+                    ))),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+stored_text! {
+    /// A token's lifecycle state (`tokens.status`).
+    TokenStatus in "tokens.status" {
+        /// Created by a payment not yet confirmed (ConfirmToken); not usable.
+        Provisional => "provisional",
+        Active => "active",
+        Deleted => "deleted",
+        Expired => "expired",
+        /// A single-use token that was used.
+        Consumed => "consumed",
+    }
+}
+
+stored_text! {
+    /// What a token stands for (`tokens.data_type`), as the vault names it.
+    DataType in "tokens.data_type" {
+        Card => "card",
+        BankAccount => "bank_account",
+        Email => "email",
+        Phone => "phone",
+        /// A CVC-only single-use token.
+        Cvc => "cvc",
+    }
+}
+
+stored_text! {
+    /// A token's format (`tokens.format`).
+    TokenFormat in "tokens.format" {
+        FormatPreserving => "format_preserving",
+        Opaque => "opaque",
+    }
+}
+
+stored_text! {
+    /// A journal entry's transaction type (`journal.kind`).
+    JournalKind in "journal.kind" {
+        Tokenize => "TK",
+        Detokenize => "DT",
+        Delete => "DL",
+        Confirm => "CONFIRM",
+        Extend => "EXTEND",
+        Expire => "EXPIRE",
+        Authorization => "AUTH",
+        Block => "BLOCK",
+        Unblock => "UNBLOCK",
+    }
+}
+
+/// A token's kind as stored (`tokens.kind`); unknown text is an error.
+pub(crate) fn kind_of(stored: &str) -> Result<Kind, StoreError> {
+    Kind::from_stored(stored)
+        .ok_or_else(|| StoreError::Query(format!("unknown tokens.kind {stored:?} in storage")))
+}
+
+/// A string column decoded as a stored enum.
+pub(crate) fn enum_column<T>(
+    row: &AnyRow,
+    name: &str,
+    parse: impl FnOnce(&str) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let text: String = row.try_get(name)?;
+    parse(&text)
+}
 
 /// A token record. `ciphertext` is `None` once the token is deleted, expired or consumed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TokenRecord {
     pub merchant_id: String,
     pub token: String,
-    pub kind: String,
-    pub data_type: String,
-    pub format: String,
+    pub kind: Kind,
+    pub data_type: DataType,
+    pub format: TokenFormat,
     pub brand: String,
     pub first_six: String,
     pub last_four: String,
@@ -87,7 +189,7 @@ pub struct TokenRecord {
     pub holds_cvc: bool,
     /// The vault endpoint that holds this token's CVC; empty when none does.
     pub cvc_vault: String,
-    pub status: String,
+    pub status: TokenStatus,
     pub created_at: UnixMillis,
     pub last_used_at: Option<UnixMillis>,
     pub ended_at: Option<UnixMillis>,
@@ -113,8 +215,7 @@ impl fmt::Debug for TokenRecord {
 pub struct JournalEntry<'a> {
     pub merchant_id: &'a str,
     pub token: &'a str,
-    /// Transaction type: TK, DT, DL, CONFIRM, EXTEND, EXPIRE.
-    pub kind: &'static str,
+    pub kind: JournalKind,
     pub caller: &'a str,
     pub at: UnixMillis,
     /// For DT, the stated purpose as `INITIATOR/MODEL/INTERACTION`.
@@ -129,7 +230,7 @@ pub struct JournalEntry<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JournalRecord {
     pub id: i64,
-    pub kind: String,
+    pub kind: JournalKind,
     pub caller: String,
     pub at: UnixMillis,
     pub purpose: String,
@@ -192,13 +293,13 @@ pub(crate) const TOKEN_COLUMNS: &str =
 /// Columns per token row, for multi-row inserts.
 pub(crate) const TOKEN_COLUMN_COUNT: usize = 24;
 
-pub(crate) fn token_from_row(row: &AnyRow) -> Result<TokenRecord, sqlx::Error> {
+pub(crate) fn token_from_row(row: &AnyRow) -> Result<TokenRecord, StoreError> {
     Ok(TokenRecord {
         merchant_id: row.try_get("merchant_id")?,
         token: row.try_get("token")?,
-        kind: row.try_get("kind")?,
-        data_type: row.try_get("data_type")?,
-        format: row.try_get("format")?,
+        kind: enum_column(row, "kind", kind_of)?,
+        data_type: enum_column(row, "data_type", DataType::parse)?,
+        format: enum_column(row, "format", TokenFormat::parse)?,
         brand: row.try_get("brand")?,
         first_six: row.try_get("first_six")?,
         last_four: row.try_get("last_four")?,
@@ -211,7 +312,7 @@ pub(crate) fn token_from_row(row: &AnyRow) -> Result<TokenRecord, sqlx::Error> {
         data_key_version: u32_column(row, "data_key_version")?,
         holds_cvc: row.try_get::<i64, _>("holds_cvc")? != 0,
         cvc_vault: row.try_get("cvc_vault")?,
-        status: row.try_get("status")?,
+        status: enum_column(row, "status", TokenStatus::parse)?,
         created_at: row.try_get("created_at")?,
         last_used_at: row.try_get("last_used_at")?,
         ended_at: row.try_get("ended_at")?,
@@ -226,8 +327,8 @@ pub(crate) type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
 /// A state change of one token, applied only if the token is in one of `from` states.
 #[derive(Debug, Clone)]
 pub struct Transition {
-    pub from: &'static [&'static str],
-    pub to: &'static str,
+    pub from: &'static [TokenStatus],
+    pub to: TokenStatus,
     /// Destroy ciphertext and fingerprint (deletion, expiry, consumption).
     pub destroy: bool,
     /// Clear the provisional or single-use deadline (confirmation).
@@ -286,7 +387,7 @@ pub(crate) async fn apply_transition(
     let from = change
         .from
         .iter()
-        .map(|state| format!("'{state}'"))
+        .map(|state| format!("'{}'", state.as_str()))
         .collect::<Vec<_>>()
         .join(", ");
     let changed = sqlx::query(&format!(
@@ -297,7 +398,7 @@ pub(crate) async fn apply_transition(
          expires_at = CASE WHEN $4 = 1 THEN NULL ELSE expires_at END \
          WHERE merchant_id = $5 AND token = $6 AND status IN ({from})"
     ))
-    .bind(change.to)
+    .bind(change.to.as_str())
     .bind(i64::from(change.destroy))
     .bind(at)
     .bind(i64::from(change.clear_deadline))
@@ -316,7 +417,7 @@ pub(crate) async fn insert_journal(tx: &mut Tx<'_>, entry: &Journal) -> Result<(
     )
     .bind(&entry.merchant_id)
     .bind(&entry.token)
-    .bind(entry.kind)
+    .bind(entry.kind.as_str())
     .bind(&entry.caller)
     .bind(entry.at)
     .bind(&entry.purpose)
@@ -332,7 +433,7 @@ pub(crate) async fn insert_journal(tx: &mut Tx<'_>, entry: &Journal) -> Result<(
 pub struct Journal {
     pub merchant_id: String,
     pub token: String,
-    pub kind: &'static str,
+    pub kind: JournalKind,
     pub caller: String,
     pub at: UnixMillis,
     pub purpose: String,

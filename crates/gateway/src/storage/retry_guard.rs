@@ -3,13 +3,13 @@
 
 use sqlx::Row;
 
-use super::records::{insert_journal, Journal, StoreError, Tx};
+use super::records::{insert_journal, Journal, JournalKind, StoreError, Tx};
 use crate::clock::UnixMillis;
 use crate::retry_guard::{Block, Outcome, Report, ReportState};
 
 const HOUR_MS: i64 = 3_600_000;
 
-fn journal(report: &Report, kind: &'static str, detail: String) -> Journal {
+fn journal(report: &Report, kind: JournalKind, detail: String) -> Journal {
     Journal {
         merchant_id: report.merchant_id.clone(),
         token: report.token.clone(),
@@ -41,7 +41,7 @@ pub(crate) async fn apply(tx: &mut Tx<'_>, report: &Report) -> Result<ReportStat
         tx,
         &journal(
             report,
-            "AUTH",
+            JournalKind::Authorization,
             format!("{} agreement={}", report.outcome.as_str(), report.agreement),
         ),
     )
@@ -61,7 +61,7 @@ pub(crate) async fn apply(tx: &mut Tx<'_>, report: &Report) -> Result<ReportStat
                     tx,
                     &journal(
                         report,
-                        "UNBLOCK",
+                        JournalKind::Unblock,
                         format!("APPROVED agreement={}", report.agreement),
                     ),
                 )
@@ -89,7 +89,7 @@ pub(crate) async fn apply(tx: &mut Tx<'_>, report: &Report) -> Result<ReportStat
                     tx,
                     &journal(
                         report,
-                        "BLOCK",
+                        JournalKind::Block,
                         format!("DO_NOT_RETRY agreement={}", report.agreement),
                     ),
                 )
@@ -143,7 +143,7 @@ pub(crate) async fn apply(tx: &mut Tx<'_>, report: &Report) -> Result<ReportStat
                         tx,
                         &journal(
                             report,
-                            "BLOCK",
+                            JournalKind::Block,
                             format!("RETRY_LIMIT agreement={} attempts={count}", report.agreement),
                         ),
                     )
@@ -231,4 +231,3 @@ async fn delete_block(tx: &mut Tx<'_>, report: &Report) -> Result<(), StoreError
         .await?;
     Ok(())
 }
-

@@ -7,13 +7,15 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Row};
 
 use super::records::{
-    insert_journal, token_from_row, u32_column, Backend, Journal, JournalEntry, JournalRecord, ListCursor,
-    MerchantReference, StoreError, StoredKey, Swept, TokenRecord, Transition, STATUS_ACTIVE, TOKEN_COLUMNS,
+    enum_column, insert_journal, token_from_row, u32_column, Backend, Journal, JournalEntry, JournalKind,
+    JournalRecord, ListCursor, MerchantReference, StoreError, StoredKey, Swept, TokenRecord, TokenStatus,
+    Transition, TOKEN_COLUMNS,
 };
 use super::wal_checkpoint::{WalCheckpoints, SQLITE_BUSY_TIMEOUT};
 use super::write_queue::{GroupCommit, WriteOp, WriteReply};
-use crate::retry_guard::{Report, ReportState};
 use crate::clock::UnixMillis;
+use crate::purpose::Kind;
+use crate::retry_guard::{Report, ReportState};
 
 /// The gateway's database: a pool for reads and a group-commit writer for writes.
 #[derive(Debug, Clone)]
@@ -238,7 +240,7 @@ impl Store {
         &self,
         merchant_id: &str,
         shopper_reference: &str,
-        kind: &str,
+        kind: Kind,
         fingerprint: &[u8],
         now: UnixMillis,
     ) -> Result<Option<TokenRecord>, StoreError> {
@@ -251,8 +253,8 @@ impl Store {
         .bind(merchant_id)
         .bind(fingerprint)
         .bind(shopper_reference)
-        .bind(kind)
-        .bind(STATUS_ACTIVE)
+        .bind(kind.as_str())
+        .bind(TokenStatus::Active.as_str())
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
@@ -385,15 +387,14 @@ impl Store {
             .map(|row| {
                 Ok(JournalRecord {
                     id: row.try_get("id")?,
-                    kind: row.try_get("kind")?,
+                    kind: enum_column(row, "kind", JournalKind::parse)?,
                     caller: row.try_get("caller")?,
                     at: row.try_get("at")?,
                     purpose: row.try_get("purpose")?,
                     detail: row.try_get("detail")?,
                 })
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+            .collect()
     }
 
     /// Ends up to `batch` tokens whose time has come, journalling each as EXPIRE, and returns
@@ -432,7 +433,7 @@ impl Store {
                 let entry = JournalEntry {
                     merchant_id: &merchant_id,
                     token: &token,
-                    kind: "EXPIRE",
+                    kind: JournalKind::Expire,
                     caller,
                     at: now,
                     purpose: "",

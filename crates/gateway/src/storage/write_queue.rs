@@ -17,7 +17,8 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use super::records::{
     apply_transition, claim_reference, insert_journal, select_token, values_rows, Backend, Journal,
-    MerchantReference, StoreError, StoredKey, TokenRecord, Transition, Tx, STATUS_ACTIVE, STATUS_CONSUMED, TOKEN_COLUMNS, TOKEN_COLUMN_COUNT,
+    MerchantReference, StoreError, StoredKey, TokenRecord, TokenStatus, Transition, Tx, TOKEN_COLUMNS,
+    TOKEN_COLUMN_COUNT,
 };
 use super::retry_guard;
 use super::wal_checkpoint::WalCheckpoints;
@@ -632,9 +633,9 @@ async fn insert_tokens(
         query = query
             .bind(record.merchant_id.clone())
             .bind(record.token.clone())
-            .bind(record.kind.clone())
-            .bind(record.data_type.clone())
-            .bind(record.format.clone())
+            .bind(record.kind.as_str())
+            .bind(record.data_type.as_str())
+            .bind(record.format.as_str())
             .bind(record.brand.clone())
             .bind(record.first_six.clone())
             .bind(record.last_four.clone())
@@ -647,7 +648,7 @@ async fn insert_tokens(
             .bind(i64::from(record.data_key_version))
             .bind(i64::from(record.holds_cvc))
             .bind(record.cvc_vault.clone())
-            .bind(record.status.clone())
+            .bind(record.status.as_str())
             .bind(record.created_at)
             .bind(record.last_used_at)
             .bind(record.ended_at)
@@ -673,7 +674,7 @@ async fn insert_journals(tx: &mut Tx<'_>, journals: &[&Journal]) -> Result<(), S
             query = query
                 .bind(journal.merchant_id.clone())
                 .bind(journal.token.clone())
-                .bind(journal.kind)
+                .bind(journal.kind.as_str())
                 .bind(journal.caller.clone())
                 .bind(journal.at)
                 .bind(journal.purpose.clone())
@@ -704,8 +705,8 @@ async fn record_use(
     }
     if let Some(cvc_token) = cvc_token {
         let consume_cvc = Transition {
-            from: &[STATUS_ACTIVE],
-            to: STATUS_CONSUMED,
+            from: &[TokenStatus::Active],
+            to: TokenStatus::Consumed,
             destroy: true,
             clear_deadline: false,
         };
@@ -786,7 +787,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::storage::{JournalEntry, Store, STATUS_DELETED};
+    use crate::purpose::Kind;
+    use crate::storage::{DataType, JournalEntry, JournalKind, Store, TokenFormat};
 
     const MERCHANT: &str = "m_batch";
     const NOW: UnixMillis = 1_800_000_000_000;
@@ -795,9 +797,9 @@ mod tests {
         TokenRecord {
             merchant_id: MERCHANT.into(),
             token: token.into(),
-            kind: "card_on_file".into(),
-            data_type: "card".into(),
-            format: "opaque".into(),
+            kind: Kind::CardOnFile,
+            data_type: DataType::Card,
+            format: TokenFormat::Opaque,
             brand: "VISA".into(),
             first_six: "411111".into(),
             last_four: "1111".into(),
@@ -810,7 +812,7 @@ mod tests {
             data_key_version: 1,
             holds_cvc: false,
             cvc_vault: String::new(),
-            status: STATUS_ACTIVE.into(),
+            status: TokenStatus::Active,
             created_at: NOW,
             last_used_at: None,
             ended_at: None,
@@ -820,7 +822,7 @@ mod tests {
         }
     }
 
-    fn journal(token: &str, kind: &'static str, at: UnixMillis) -> Journal {
+    fn journal(token: &str, kind: JournalKind, at: UnixMillis) -> Journal {
         Journal {
             merchant_id: MERCHANT.into(),
             token: token.into(),
@@ -835,7 +837,7 @@ mod tests {
 
     fn plain_use(token: &str, at: UnixMillis) -> WriteOp {
         WriteOp::RecordUse {
-            journal: journal(token, "DT", at),
+            journal: journal(token, JournalKind::Detokenize, at),
             consume: false,
             retain_until: None,
             cvc_token: None,
@@ -843,8 +845,8 @@ mod tests {
     }
 
     const DELETION: Transition = Transition {
-        from: &[STATUS_ACTIVE],
-        to: STATUS_DELETED,
+        from: &[TokenStatus::Active],
+        to: TokenStatus::Deleted,
         destroy: true,
         clear_deadline: false,
     };
@@ -852,7 +854,7 @@ mod tests {
     fn delete(token: &str, at: UnixMillis) -> WriteOp {
         WriteOp::Transition {
             change: DELETION,
-            journal: journal(token, "DL", at),
+            journal: journal(token, JournalKind::Delete, at),
         }
     }
 
@@ -862,7 +864,7 @@ mod tests {
             .unwrap();
         let rows = tokens
             .iter()
-            .map(|token| (record(token), journal(token, "TK", NOW)))
+            .map(|token| (record(token), journal(token, JournalKind::Tokenize, NOW)))
             .collect();
         store.insert_tokens(rows).await.unwrap();
         store
@@ -883,7 +885,7 @@ mod tests {
         let deleted = JournalEntry {
             merchant_id: MERCHANT,
             token: "tok_c",
-            kind: "DL",
+            kind: JournalKind::Delete,
             caller: "spiffe://tessera/test",
             at: NOW,
             purpose: "",
@@ -993,7 +995,7 @@ mod tests {
     fn insert(token: &str, reference: Option<&str>) -> WriteOp {
         WriteOp::InsertToken {
             record: Box::new(record(token)),
-            journal: journal(token, "TK", NOW),
+            journal: journal(token, JournalKind::Tokenize, NOW),
             reference: reference.map(strict),
         }
     }
