@@ -2,22 +2,24 @@
 //! embedded migrations (`migrations/{sqlite,postgres}`). Nothing outside this module talks to
 //! the database (`tests/layers.rs` checks it).
 //!
-//! - [`records`]: the records stored (tokens, journal entries, wrapped keys, merchant
+//! - `records`: the records stored (tokens, journal entries, wrapped keys, merchant
 //!   references, statuses as enums stored as text), their row decoding, and the statements a
 //!   single transaction runs for them.
-//! - [`store`]: [`Store`], the database handle: opening and migrating, reads on a pool, writes
+//! - `store`: [`Store`], the database handle: opening and migrating, reads on a pool, writes
 //!   through the write queue, the sweeper's sweep and job leases.
-//! - [`write_queue`]: the batching writer (group commit): every write of every concurrent
+//! - `write_queue`: the batching writer (group commit): every write of every concurrent
 //!   request is queued and committed with its neighbours in one transaction.
-//! - [`wal_checkpoint`]: SQLite's WAL checkpoints, run beside the writer.
-//! - [`retry_guard`]: the retry guard's statements inside the writer's transaction;
-//!   [`blocks`]: card blocks as handlers and the sweeper read and end them.
-//! - [`idempotency`]: idempotency keys and the merchant-reference hint.
-//! - [`events`]: the events table as subscribers read it.
-//! - [`keys`]: key rotation's statements (status, re-wrapping, re-encryption, destruction).
+//! - `wal_checkpoint`: SQLite's WAL checkpoints, run beside the writer.
+//! - `retry_guard`: the retry guard's statements inside the writer's transaction;
+//!   `blocks`: card blocks as handlers and the sweeper read and end them.
+//! - `idempotency`: idempotency keys and the merchant-reference hint.
+//! - `events`: the events table as subscribers read it.
+//! - `keys`: key rotation's statements (status, re-wrapping, re-encryption, destruction).
 //!
-//! Submodules depend on each other in one direction: `records` ← `wal_checkpoint`,
-//! `retry_guard` ← `write_queue` ← `store` ← `blocks`, `idempotency`, `events`, `keys`.
+//! Submodules depend on each other in one direction: `records` and `wal_checkpoint` on no
+//! sibling, `retry_guard` on `records`, `write_queue` on those three, `store` on
+//! `write_queue`, and `blocks`, `events`, `idempotency` and `keys` on `store` (whose
+//! [`Store`] they add methods to); this file only re-exports.
 
 mod blocks;
 mod events;

@@ -5,7 +5,7 @@
 //! is retried op by op, so one bad write never fails its neighbours.
 //!
 //! A write that carries a merchant reference claims it in the same transaction (see
-//! [`claim_reference`]): a strict reference already taken refuses that write
+//! `records::claim_reference`): a strict reference already taken refuses that write
 //! alone, and a token insert's claim is undone with it when the token collides.
 
 use std::fmt;
