@@ -374,7 +374,7 @@ pub(crate) async fn select_token(
     .bind(token)
     .fetch_one(&mut **tx)
     .await?;
-    Ok(token_from_row(&row)?)
+    token_from_row(&row)
 }
 
 pub(crate) async fn apply_transition(

@@ -231,7 +231,7 @@ impl Store {
         .bind(token)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.as_ref().map(token_from_row).transpose()?)
+        row.as_ref().map(token_from_row).transpose()
     }
 
     /// The newest usable token of the same data (by fingerprint) for a merchant, shopper and
@@ -258,7 +258,7 @@ impl Store {
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.as_ref().map(token_from_row).transpose()?)
+        row.as_ref().map(token_from_row).transpose()
     }
 
     /// Applies `change` to one token and journals it, in one transaction. Returns the record
@@ -354,10 +354,7 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(token_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(StoreError::from)
+        rows.iter().map(token_from_row).collect::<Result<_, _>>()
     }
 
     /// Journal entries of one token, oldest first.
