@@ -9,11 +9,12 @@
 //! a SHA-256 of the request's non-secret fields (card facts such as first six, last four and
 //! expiry stand in for the card number, which is never hashed in the clear). A refused or
 //! failed first request releases its key, so nothing is stored for bad input and a retry after
-//! a transient failure runs again.
+//! a transient failure runs again. The statements are in `crate::storage` (`idempotency.rs`
+//! there); this module holds the rules, the request hashes and the wrapper a handler runs in.
 //!
-//! A merchant reference is taken only by a request that succeeds: the group-commit writer
-//! claims it (`storage::records::claim_reference`) in the transaction that stores what the request made (its
-//! token, or its authorisation outcome), so a request that fails before (vault unavailable,
+//! A merchant reference is taken only by a request that succeeds: the write queue claims it
+//! (`storage::records::claim_reference`) in the transaction that stores what the request made
+//! (its token, or its authorisation outcome), so a request that fails before (vault unavailable,
 //! refused input, no free token) leaves it free for the retry, and of two concurrent requests
 //! with one strict reference exactly one succeeds.
 
