@@ -308,11 +308,11 @@ fn run_migrate(database: &str) -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(tessera_gateway::store::Store::migrate(database))?;
+    runtime.block_on(tessera_gateway::storage::Store::migrate(database))?;
     // The URL may carry a password; say which backend instead of echoing it.
-    let backend = match tessera_gateway::store::Backend::of(database) {
-        tessera_gateway::store::Backend::Postgres => "PostgreSQL",
-        tessera_gateway::store::Backend::Sqlite => "SQLite",
+    let backend = match tessera_gateway::storage::Backend::of(database) {
+        tessera_gateway::storage::Backend::Postgres => "PostgreSQL",
+        tessera_gateway::storage::Backend::Sqlite => "SQLite",
     };
     println!("{backend} database is migrated to the gateway's current schema");
     Ok(())

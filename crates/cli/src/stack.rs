@@ -19,7 +19,7 @@ use rustix::process::{kill_process, Pid, Signal};
 use serde::Serialize;
 use tessera_api::vault::vault_client::VaultClient as VaultRpcClient;
 use tessera_api::vault::StatusRequest;
-use tessera_gateway::store::Backend;
+use tessera_gateway::storage::Backend;
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};

@@ -15,9 +15,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tessera_api::v1::{Card, Initiator, Purpose, RecurringModel, ShopperInteraction};
-use tessera_gateway::group_commit::Journal;
 use tessera_gateway::purpose::check_purpose;
-use tessera_gateway::store::{Store, TokenRecord};
+use tessera_gateway::storage::{Journal, JournalKind, Store, TokenRecord};
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -59,7 +58,7 @@ fn record(counter: &AtomicU64) -> (TokenRecord, Journal) {
     let journal = Journal {
         merchant_id: "m_bench".into(),
         token,
-        kind: "TK",
+        kind: JournalKind::Tokenize,
         caller: "bench".into(),
         at: 1,
         purpose: String::new(),

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use sqlx::Row;
 use tessera_api::identity::peer_identity;
 use tessera_api::v1::key_admin_server::KeyAdmin;
 use tessera_api::v1::{
@@ -15,12 +14,12 @@ use tessera_api::v1::{
 use tessera_api::vault::{KeyPurpose, WrappedKey};
 use tonic::{Request, Response, Status};
 
-use crate::api::{store_error, Gateway};
 use crate::error::ApiError;
 use crate::keyring::{PURPOSE_DATA, PURPOSE_FINGERPRINT};
 use crate::policy::Operation;
 use crate::reencrypt::REENCRYPT_JOB;
-use crate::store::StoredKey;
+use crate::state::Gateway;
+use crate::storage::{store_error, Rewrapped, StoredKey};
 
 /// Stored keys per RewrapKeys call.
 const REWRAP_BATCH: i64 = 500;
@@ -46,10 +45,6 @@ fn merchant(merchant_id: &str) -> Result<&str, ApiError> {
         ));
     }
     Ok(merchant_id)
-}
-
-fn query_error(err: sqlx::Error) -> ApiError {
-    store_error(err.into())
 }
 
 fn u32_of(value: i64) -> u32 {
@@ -134,39 +129,30 @@ impl KeyAdminService {
         gateway
             .policy
             .authorize(identity, Operation::ReadMetadata, merchant_id)?;
-        let pool = gateway.store.pool();
         let mut versions: BTreeMap<u32, KeyVersion> = BTreeMap::new();
-        let rows = sqlx::query(
-            "SELECT version, created_at FROM merchant_keys WHERE merchant_id = $1 AND purpose = 'data'",
-        )
-        .bind(merchant_id)
-        .fetch_all(pool)
-        .await
-        .map_err(query_error)?;
-        for row in &rows {
-            let version = u32_of(row.try_get("version").map_err(query_error)?);
+        for (version, created_at) in gateway
+            .store
+            .data_key_versions(merchant_id)
+            .await
+            .map_err(store_error)?
+        {
             versions.insert(
                 version,
                 KeyVersion {
                     version,
-                    created_at: row.try_get("created_at").map_err(query_error)?,
+                    created_at,
                     ..KeyVersion::default()
                 },
             );
         }
         let current_version = versions.keys().next_back().copied().unwrap_or(0);
-        let counts = sqlx::query(
-            "SELECT data_key_version, COUNT(*) AS records FROM tokens \
-             WHERE merchant_id = $1 AND ciphertext IS NOT NULL GROUP BY data_key_version",
-        )
-        .bind(merchant_id)
-        .fetch_all(pool)
-        .await
-        .map_err(query_error)?;
+        let counts = gateway
+            .store
+            .sealed_records_per_version(merchant_id)
+            .await
+            .map_err(store_error)?;
         let mut pending_records = 0;
-        for row in &counts {
-            let version = u32_of(row.try_get("data_key_version").map_err(query_error)?);
-            let records = u64::try_from(row.try_get::<i64, _>("records").map_err(query_error)?).unwrap_or(0);
+        for (version, records) in counts {
             if version < current_version {
                 pending_records += records;
             }
@@ -187,18 +173,12 @@ impl KeyAdminService {
             .await
             .map_err(store_error)?
             .map_or(0, |key| key.version);
-        let lease = sqlx::query("SELECT holder, lease_until FROM job_leases WHERE job = $1")
-            .bind(REENCRYPT_JOB)
-            .fetch_optional(pool)
+        let (job_holder, job_lease_until) = gateway
+            .store
+            .job_lease(REENCRYPT_JOB)
             .await
-            .map_err(query_error)?;
-        let (job_holder, job_lease_until) = match lease {
-            Some(row) => (
-                row.try_get("holder").map_err(query_error)?,
-                row.try_get("lease_until").map_err(query_error)?,
-            ),
-            None => (String::new(), 0),
-        };
+            .map_err(store_error)?
+            .unwrap_or_default();
         Ok(RotationStatusResponse {
             merchant_id: merchant_id.to_owned(),
             current_version,
@@ -213,46 +193,34 @@ impl KeyAdminService {
     async fn rewrap_all(&self, identity: Option<&str>) -> Result<RewrapAllResponse, ApiError> {
         let gateway = &self.0;
         gateway.policy.authorize(identity, Operation::RotateKeys, "*")?;
-        let pool = gateway.store.pool();
         let mut response = RewrapAllResponse::default();
         let mut after = (String::new(), String::new(), -1_i64);
         loop {
-            let rows = sqlx::query(
-                "SELECT merchant_id, purpose, version, blob FROM merchant_keys \
-                 WHERE merchant_id > $1 OR (merchant_id = $1 AND purpose > $2) \
-                    OR (merchant_id = $1 AND purpose = $2 AND version > $3) \
-                 ORDER BY merchant_id, purpose, version LIMIT $4",
-            )
-            .bind(&after.0)
-            .bind(&after.1)
-            .bind(after.2)
-            .bind(REWRAP_BATCH)
-            .fetch_all(pool)
-            .await
-            .map_err(query_error)?;
+            let rows = gateway
+                .store
+                .keys_after(&after, REWRAP_BATCH)
+                .await
+                .map_err(store_error)?;
             if rows.is_empty() {
                 break;
             }
             let mut keys = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let purpose: String = row.try_get("purpose").map_err(query_error)?;
-                let version: i64 = row.try_get("version").map_err(query_error)?;
-                let merchant_id: String = row.try_get("merchant_id").map_err(query_error)?;
-                after = (merchant_id.clone(), purpose.clone(), version);
+            for row in rows {
+                after = (row.merchant_id.clone(), row.purpose.clone(), row.version);
                 keys.push(WrappedKey {
-                    merchant_id,
-                    purpose: if purpose == PURPOSE_DATA {
+                    merchant_id: row.merchant_id,
+                    purpose: if row.purpose == PURPOSE_DATA {
                         KeyPurpose::Data as i32
                     } else {
                         KeyPurpose::Fingerprint as i32
                     },
-                    version: u32_of(version),
-                    blob: row.try_get("blob").map_err(query_error)?,
+                    version: u32_of(row.version),
+                    blob: row.blob,
                 });
             }
             let (results, check_value) = gateway.vault.rewrap_keys(keys.clone()).await?;
             response.master_key_check_value = check_value;
-            let mut tx = pool.begin().await.map_err(query_error)?;
+            let mut rewrapped = Vec::with_capacity(keys.len());
             for (old, result) in keys.iter().zip(results) {
                 let purpose = if old.purpose == KeyPurpose::Data as i32 {
                     PURPOSE_DATA
@@ -260,34 +228,31 @@ impl KeyAdminService {
                     PURPOSE_FINGERPRINT
                 };
                 match result {
-                    Ok(new) => {
-                        // Only if nobody changed or destroyed the row meanwhile.
-                        let replaced = sqlx::query(
-                            "UPDATE merchant_keys SET blob = $1 \
-                             WHERE merchant_id = $2 AND purpose = $3 AND version = $4 AND blob = $5",
-                        )
-                        .bind(new.blob)
-                        .bind(&old.merchant_id)
-                        .bind(purpose)
-                        .bind(i64::from(old.version))
-                        .bind(&old.blob)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(query_error)?
-                        .rows_affected();
-                        if replaced == 1 {
-                            response.rewrapped += 1;
-                        } else {
-                            response.skipped += 1;
-                        }
-                    }
+                    Ok(new) => rewrapped.push(Rewrapped {
+                        merchant_id: &old.merchant_id,
+                        purpose,
+                        version: old.version,
+                        old_blob: &old.blob,
+                        new_blob: new.blob,
+                    }),
                     Err(err) => {
                         tracing::warn!(merchant_id = %old.merchant_id, purpose, version = old.version, reason = %err.reason, "key could not be re-wrapped");
                         response.failed += 1;
                     }
                 }
             }
-            tx.commit().await.map_err(query_error)?;
+            for replaced in gateway
+                .store
+                .replace_key_blobs(rewrapped)
+                .await
+                .map_err(store_error)?
+            {
+                if replaced {
+                    response.rewrapped += 1;
+                } else {
+                    response.skipped += 1;
+                }
+            }
         }
         // This gateway uses the re-wrapped blobs at once; others within keyring::KEY_TTL.
         gateway.keys.clear();

@@ -9,32 +9,27 @@
 //! a SHA-256 of the request's non-secret fields (card facts such as first six, last four and
 //! expiry stand in for the card number, which is never hashed in the clear). A refused or
 //! failed first request releases its key, so nothing is stored for bad input and a retry after
-//! a transient failure runs again.
+//! a transient failure runs again. The statements are in `crate::storage` (`idempotency.rs`
+//! there); this module holds the rules, the request hashes and the wrapper a handler runs in.
 //!
-//! A merchant reference is taken only by a request that succeeds: the group-commit writer
-//! claims it ([`claim_reference`]) in the transaction that stores what the request made (its
-//! token, or its authorisation outcome), so a request that fails before (vault unavailable,
+//! A merchant reference is taken only by a request that succeeds: the write queue claims it
+//! (`storage::records::claim_reference`) in the transaction that stores what the request made
+//! (its token, or its authorisation outcome), so a request that fails before (vault unavailable,
 //! refused input, no free token) leaves it free for the retry, and of two concurrent requests
 //! with one strict reference exactly one succeeds.
 
-use std::time::Duration;
-
 use prost::Message;
 use ring::digest::{digest, SHA256};
-use sqlx::Row;
-use tonic::Code;
+use tessera_api::v1::{
+    tokenize_request, ConfirmTokenRequest, DeleteTokenRequest, ExtendRetentionRequest,
+    ReportAuthorizationRequest, TokenizeRequest,
+};
 
 use crate::clock::UnixMillis;
 use crate::error::ApiError;
-use crate::store::{Store, StoreError, Tx};
+use crate::storage::{Begin, Store};
 
-/// How long a first answer is replayed.
-const REPLAY_WINDOW_MS: i64 = 24 * 3_600_000;
-/// A claim not finished within this long was abandoned (its gateway died) and may be retaken.
-const CLAIM_LEASE_MS: i64 = 60_000;
-/// How long a repeat waits for the first request to finish before giving up with ABORTED.
-const WAIT_FOR_FIRST: Duration = Duration::from_secs(5);
-const POLL: Duration = Duration::from_millis(15);
+pub use crate::storage::MerchantReference;
 
 /// SHA-256 over the request's non-secret parts, each length-prefixed so fields cannot run
 /// into each other.
@@ -45,186 +40,6 @@ pub fn request_hash(parts: &[&[u8]]) -> Vec<u8> {
         input.extend_from_slice(part);
     }
     digest(&SHA256, &input).as_ref().to_vec()
-}
-
-/// A claimed key, to be finished with the request's outcome.
-#[derive(Debug, Clone)]
-pub struct Claim {
-    merchant_id: String,
-    caller: String,
-    key: String,
-}
-
-/// What to do with a request that carries a key.
-#[derive(Debug)]
-pub enum Begin {
-    /// This request owns the key: run it, then `finish`.
-    Run(Claim),
-    /// The first request finished: answer with its encoded response.
-    Replay(Vec<u8>),
-}
-
-impl Store {
-    /// Claims `key` for a request, or finds the first request's answer.
-    pub async fn begin_idempotent(
-        &self,
-        merchant_id: &str,
-        caller: &str,
-        key: &str,
-        method: &str,
-        hash: &[u8],
-        now: UnixMillis,
-    ) -> Result<Begin, ApiError> {
-        let started = tokio::time::Instant::now();
-        loop {
-            let claimed = sqlx::query(
-                "INSERT INTO idempotency_keys (merchant_id, caller, key, method, request_hash, state, created_at, locked_until) \
-                 VALUES ($1, $2, $3, $4, $5, 'in_flight', $6, $7) \
-                 ON CONFLICT (merchant_id, caller, key) DO UPDATE SET method = excluded.method, \
-                 request_hash = excluded.request_hash, state = 'in_flight', response = NULL, \
-                 created_at = excluded.created_at, locked_until = excluded.locked_until \
-                 WHERE idempotency_keys.created_at <= $8 \
-                 OR (idempotency_keys.state = 'in_flight' AND idempotency_keys.locked_until <= $6)",
-            )
-            .bind(merchant_id)
-            .bind(caller)
-            .bind(key)
-            .bind(method)
-            .bind(hash)
-            .bind(now)
-            .bind(now + CLAIM_LEASE_MS)
-            .bind(now - REPLAY_WINDOW_MS)
-            .execute(self.pool())
-            .await
-            .map_err(|err| storage(err.into()))?
-            .rows_affected();
-            if claimed == 1 {
-                return Ok(Begin::Run(Claim {
-                    merchant_id: merchant_id.to_owned(),
-                    caller: caller.to_owned(),
-                    key: key.to_owned(),
-                }));
-            }
-            let row = sqlx::query(
-                "SELECT method, request_hash, state, response FROM idempotency_keys \
-                 WHERE merchant_id = $1 AND caller = $2 AND key = $3",
-            )
-            .bind(merchant_id)
-            .bind(caller)
-            .bind(key)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(|err| storage(err.into()))?;
-            // Released between the two statements (the first request failed): claim again.
-            let Some(row) = row else { continue };
-            let stored_method: String = row.try_get("method").map_err(|err| storage(err.into()))?;
-            let stored_hash: Vec<u8> = row.try_get("request_hash").map_err(|err| storage(err.into()))?;
-            if stored_method != method || stored_hash != hash {
-                return Err(ApiError::invalid(
-                    "idempotency_key",
-                    "IDEMPOTENCY_KEY_REUSED",
-                    "this idempotency_key was used for a different request in the last 24 hours",
-                ));
-            }
-            let state: String = row.try_get("state").map_err(|err| storage(err.into()))?;
-            if state == "done" {
-                let response: Option<Vec<u8>> = row.try_get("response").map_err(|err| storage(err.into()))?;
-                return Ok(Begin::Replay(response.unwrap_or_default()));
-            }
-            if started.elapsed() >= WAIT_FOR_FIRST {
-                return Err(ApiError::new(
-                    Code::Aborted,
-                    "IDEMPOTENCY_IN_FLIGHT",
-                    "a request with this idempotency_key is still in progress; retry later",
-                ));
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    /// Stores the first answer, or releases the key when the request failed.
-    pub async fn finish_idempotent(
-        &self,
-        claim: &Claim,
-        response: Option<Vec<u8>>,
-    ) -> Result<(), StoreError> {
-        let query = match &response {
-            Some(_) => {
-                "UPDATE idempotency_keys SET state = 'done', response = $4 \
-                        WHERE merchant_id = $1 AND caller = $2 AND key = $3"
-            }
-            None => "DELETE FROM idempotency_keys WHERE merchant_id = $1 AND caller = $2 AND key = $3",
-        };
-        let mut statement = sqlx::query(query)
-            .bind(&claim.merchant_id)
-            .bind(&claim.caller)
-            .bind(&claim.key);
-        if let Some(response) = response {
-            statement = statement.bind(response);
-        }
-        statement.execute(self.pool()).await?;
-        Ok(())
-    }
-
-    /// True when `reference` was seen for this merchant in the last 24 hours: a strict
-    /// request with it is refused before any work. Only a hint, read outside any write; the
-    /// claim in the writer's transaction decides.
-    pub async fn merchant_reference_taken(
-        &self,
-        merchant_id: &str,
-        reference: &str,
-        now: UnixMillis,
-    ) -> Result<bool, StoreError> {
-        let row = sqlx::query(
-            "SELECT 1 AS one FROM merchant_references \
-             WHERE merchant_id = $1 AND reference = $2 AND seen_at > $3",
-        )
-        .bind(merchant_id)
-        .bind(reference)
-        .bind(now - REPLAY_WINDOW_MS)
-        .fetch_optional(self.pool())
-        .await?;
-        Ok(row.is_some())
-    }
-}
-
-/// A merchant reference to record with a write.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MerchantReference {
-    pub merchant_id: String,
-    pub reference: String,
-    /// When true, the write is refused if the reference was seen in the last 24 hours.
-    pub strict: bool,
-    pub seen_at: UnixMillis,
-}
-
-/// Records `reference` in the writer's transaction `tx`. False, with nothing changed, when it
-/// is strict and was seen for the merchant in the last 24 hours: then the write it guards must
-/// not happen. A reference that is not strict is recorded (or left as it was, when seen in the
-/// window) and never refused. On PostgreSQL a concurrent transaction claiming the same
-/// reference waits here until the first one commits or rolls back, then sees its outcome.
-pub(crate) async fn claim_reference(
-    tx: &mut Tx<'_>,
-    reference: &MerchantReference,
-) -> Result<bool, StoreError> {
-    let fresh = sqlx::query(
-        "INSERT INTO merchant_references (merchant_id, reference, seen_at) VALUES ($1, $2, $3) \
-         ON CONFLICT (merchant_id, reference) DO UPDATE SET seen_at = excluded.seen_at \
-         WHERE merchant_references.seen_at <= $4",
-    )
-    .bind(&reference.merchant_id)
-    .bind(&reference.reference)
-    .bind(reference.seen_at)
-    .bind(reference.seen_at - REPLAY_WINDOW_MS)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected()
-        == 1;
-    Ok(fresh || !reference.strict)
-}
-
-fn storage(err: StoreError) -> ApiError {
-    crate::api::store_error(err)
 }
 
 /// Runs `work` under an idempotency key (or plainly when `key` is empty): the first answer is
@@ -264,6 +79,112 @@ where
         }
     }
 }
+
+/// A mutating request that may carry an idempotency key: its method name, its merchant, and
+/// a hash of its non-secret fields that tells a repeat from a different request.
+pub(crate) trait IdempotentRequest: prost::Message + Send + 'static {
+    const METHOD: &'static str;
+    fn take_key(&mut self) -> String;
+    fn merchant_id(&self) -> &str;
+    fn hash(&self) -> Vec<u8>;
+}
+
+impl IdempotentRequest for TokenizeRequest {
+    const METHOD: &'static str = "Tokenize";
+
+    fn take_key(&mut self) -> String {
+        std::mem::take(&mut self.idempotency_key)
+    }
+
+    fn merchant_id(&self) -> &str {
+        &self.merchant_id
+    }
+
+    /// Every field but the secret data, which is represented by the facts PCI DSS allows to
+    /// be kept (first six, last four, length, expiry), so no card number is ever hashed in the
+    /// clear.
+    fn hash(&self) -> Vec<u8> {
+        let digits = |text: &str| text.chars().filter(char::is_ascii_digit).collect::<String>();
+        let edges = |text: &str| {
+            let chars: Vec<char> = text.chars().collect();
+            let head: String = chars.iter().take(6).collect();
+            let tail: String = chars.iter().skip(chars.len().saturating_sub(4)).collect();
+            format!("{head}|{tail}|{}", chars.len())
+        };
+        let facts = match &self.data {
+            Some(tokenize_request::Data::Card(card)) => {
+                format!(
+                    "card|{}|{}|{}",
+                    edges(&digits(&card.number)),
+                    card.expiry_month,
+                    card.expiry_year
+                )
+            }
+            Some(tokenize_request::Data::BankAccount(account)) => {
+                let iban: String = account.iban.chars().filter(|c| !c.is_whitespace()).collect();
+                format!("bank|{}|{}", edges(&iban), account.bic)
+            }
+            Some(tokenize_request::Data::Contact(contact)) => {
+                format!("contact|{}|{}", edges(&contact.email), edges(&contact.phone))
+            }
+            None => "none".to_owned(),
+        };
+        request_hash(&[
+            Self::METHOD.as_bytes(),
+            self.merchant_id.as_bytes(),
+            facts.as_bytes(),
+            &self.format.to_be_bytes(),
+            self.shopper_reference.as_bytes(),
+            &[
+                u8::from(self.deduplicate),
+                u8::from(self.provisional),
+                u8::from(!self.cvc.is_empty()),
+            ],
+            &self.kind.to_be_bytes(),
+            self.merchant_reference.as_bytes(),
+            &[u8::from(self.strict_merchant_reference)],
+        ])
+    }
+}
+
+/// Implements [`IdempotentRequest`] for a request whose hash covers the listed fields.
+macro_rules! idempotent_request {
+    ($type:ty, $method:literal, |$request:ident| [$($part:expr),* $(,)?]) => {
+        impl IdempotentRequest for $type {
+            const METHOD: &'static str = $method;
+
+            fn take_key(&mut self) -> String {
+                std::mem::take(&mut self.idempotency_key)
+            }
+
+            fn merchant_id(&self) -> &str {
+                &self.merchant_id
+            }
+
+            fn hash(&self) -> Vec<u8> {
+                let $request = self;
+                request_hash(&[Self::METHOD.as_bytes(), $request.merchant_id.as_bytes(), $($part),*])
+            }
+        }
+    };
+}
+
+idempotent_request!(DeleteTokenRequest, "DeleteToken", |r| [r.token.as_bytes()]);
+idempotent_request!(ConfirmTokenRequest, "ConfirmToken", |r| [
+    r.token.as_bytes(),
+    r.payment_reference.as_bytes()
+]);
+idempotent_request!(ExtendRetentionRequest, "ExtendRetention", |r| [
+    r.token.as_bytes(),
+    &r.months.to_be_bytes()
+]);
+idempotent_request!(ReportAuthorizationRequest, "ReportAuthorization", |r| [
+    r.token.as_bytes(),
+    &r.outcome.to_be_bytes(),
+    r.acquiring_agreement.as_bytes(),
+    r.merchant_reference.as_bytes(),
+    &[u8::from(r.strict_merchant_reference)],
+]);
 
 #[cfg(test)]
 mod tests {

@@ -16,7 +16,7 @@ use tessera_api::vault::{KeyPurpose, WrappedKey};
 
 use crate::clock::Clock;
 use crate::error::ApiError;
-use crate::store::{Store, StoredKey};
+use crate::storage::{Store, StoreError, StoredKey};
 use crate::vault_client::VaultClient;
 
 pub const PURPOSE_DATA: &str = "data";
@@ -56,7 +56,7 @@ fn wrapped(key: StoredKey) -> WrappedKey {
     }
 }
 
-fn store_error(err: crate::store::StoreError) -> ApiError {
+fn store_error(err: StoreError) -> ApiError {
     tracing::error!(error = %err, "key storage failed");
     ApiError::unavailable("STORAGE_UNAVAILABLE", "storage is unavailable; retry later")
 }

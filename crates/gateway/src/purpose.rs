@@ -38,11 +38,13 @@ impl Kind {
         }
     }
 
-    pub fn parse(stored: &str) -> Self {
+    /// The kind of stored text; `None` for text that names none.
+    pub fn from_stored(stored: &str) -> Option<Self> {
         match stored {
-            "recurrence" => Self::Recurrence,
-            "single_use" => Self::SingleUse,
-            _ => Self::CardOnFile,
+            "card_on_file" => Some(Self::CardOnFile),
+            "recurrence" => Some(Self::Recurrence),
+            "single_use" => Some(Self::SingleUse),
+            _ => None,
         }
     }
 

@@ -21,13 +21,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use sqlx::Row;
 use tessera_api::vault::{ReencryptItem, WrappedKey};
 
-use crate::api::Gateway;
 use crate::clock::Clock;
 use crate::keyring::{CURRENT_TTL, PURPOSE_DATA};
-use crate::store::StoreError;
+use crate::state::Gateway;
+use crate::storage::{Reencrypted, StoreError};
 use crate::sweeper::lease_ttl;
 
 /// The job's row in `job_leases`.
@@ -83,11 +82,6 @@ async fn take_lease(gateway: &Gateway, holder: &str, ttl: Duration) -> Result<bo
         .await
 }
 
-fn version_column(row: &sqlx::any::AnyRow, name: &str) -> Result<u32, StoreError> {
-    let value: i64 = row.try_get(name)?;
-    u32::try_from(value).map_err(|_| StoreError::Query(format!("{name} out of range")))
-}
-
 /// One round: for every merchant with more than one data-key version, re-encrypt records
 /// under older versions, then destroy versions nothing references. Returns the records moved.
 pub async fn run_once(
@@ -101,19 +95,7 @@ pub async fn run_once(
         tracing::debug!("another gateway holds the re-encryption lease; skipping this round");
         return Ok(0);
     }
-    let rows = sqlx::query(
-        "SELECT merchant_id, MAX(version) AS current_version FROM merchant_keys \
-         WHERE purpose = 'data' GROUP BY merchant_id HAVING COUNT(*) > 1",
-    )
-    .fetch_all(gateway.store.pool())
-    .await?;
-    let mut merchants = Vec::with_capacity(rows.len());
-    for row in &rows {
-        merchants.push((
-            row.try_get::<String, _>("merchant_id")?,
-            version_column(row, "current_version")?,
-        ));
-    }
+    let merchants = gateway.store.merchants_with_old_data_keys().await?;
     let mut moved = 0;
     let mut batches = 0;
     for (merchant_id, current) in merchants {
@@ -152,27 +134,20 @@ async fn reencrypt_batch(
     current: u32,
     after: &str,
 ) -> Result<Option<(usize, String)>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT token, data_key_version, ciphertext FROM tokens \
-         WHERE merchant_id = $1 AND data_key_version < $2 AND ciphertext IS NOT NULL AND token > $3 \
-         ORDER BY token LIMIT $4",
-    )
-    .bind(merchant_id)
-    .bind(i64::from(current))
-    .bind(after)
-    .bind(BATCH)
-    .fetch_all(gateway.store.pool())
-    .await?;
-    let mut items = Vec::with_capacity(rows.len());
-    for row in &rows {
-        items.push(ReencryptItem {
+    let rows = gateway
+        .store
+        .records_under_older_keys(merchant_id, current, after, BATCH)
+        .await?;
+    let items: Vec<ReencryptItem> = rows
+        .into_iter()
+        .map(|row| ReencryptItem {
             merchant_id: merchant_id.to_owned(),
-            token: row.try_get("token")?,
-            from_version: version_column(row, "data_key_version")?,
-            ciphertext: row.try_get("ciphertext")?,
+            token: row.token,
+            from_version: row.data_key_version,
+            ciphertext: row.ciphertext,
             to_version: current,
-        });
-    }
+        })
+        .collect();
     let Some(last) = items.last().map(|item| item.token.clone()) else {
         return Ok(None);
     };
@@ -204,32 +179,26 @@ async fn reencrypt_batch(
             )))
         }
     };
-    let mut tx = gateway.store.pool().begin().await?;
-    let mut replaced = 0;
+    let mut reencrypted = Vec::with_capacity(items.len());
     for (item, result) in items.iter().zip(results) {
         match result {
-            Ok(reencrypted) => {
-                replaced += sqlx::query(
-                    "UPDATE tokens SET ciphertext = $1, data_key_version = $2 \
-                     WHERE merchant_id = $3 AND token = $4 AND data_key_version = $5 AND ciphertext = $6",
-                )
-                .bind(reencrypted.ciphertext)
-                .bind(i64::from(reencrypted.data_key_version))
-                .bind(merchant_id)
-                .bind(&item.token)
-                .bind(i64::from(item.from_version))
-                .bind(&item.ciphertext)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            }
+            Ok(sealed) => reencrypted.push(Reencrypted {
+                token: &item.token,
+                from_version: item.from_version,
+                old_ciphertext: &item.ciphertext,
+                ciphertext: sealed.ciphertext,
+                data_key_version: sealed.data_key_version,
+            }),
             // Left on its old version (which then is never destroyed) and reported each round.
             Err(err) => {
                 tracing::warn!(merchant_id, token = %item.token, reason = %err.reason, "record could not be re-encrypted")
             }
         }
     }
-    tx.commit().await?;
+    let replaced = gateway
+        .store
+        .replace_ciphertexts(merchant_id, reencrypted)
+        .await?;
     Ok(Some((usize::try_from(replaced).unwrap_or(usize::MAX), last)))
 }
 
@@ -242,33 +211,16 @@ async fn destroy_unreferenced(
     grace: Duration,
     state: &mut JobState,
 ) -> Result<(), StoreError> {
-    let pool = gateway.store.pool();
-    let current_created: i64 = sqlx::query_scalar(
-        "SELECT created_at FROM merchant_keys WHERE merchant_id = $1 AND purpose = 'data' AND version = $2",
-    )
-    .bind(merchant_id)
-    .bind(i64::from(current))
-    .fetch_one(pool)
-    .await?;
+    let current_created = gateway.store.data_key_created_at(merchant_id, current).await?;
     let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
     let superseded_long_enough = gateway.clock.now_ms().saturating_sub(current_created) >= grace_ms;
-    let rows = sqlx::query(
-        "SELECT version FROM merchant_keys WHERE merchant_id = $1 AND purpose = 'data' AND version < $2",
-    )
-    .bind(merchant_id)
-    .bind(i64::from(current))
-    .fetch_all(pool)
-    .await?;
-    for row in &rows {
-        let version = version_column(row, "version")?;
-        let address = (merchant_id.to_owned(), version);
-        let references: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM tokens WHERE merchant_id = $1 AND data_key_version = $2 AND ciphertext IS NOT NULL",
-        )
-        .bind(merchant_id)
-        .bind(i64::from(version))
-        .fetch_one(pool)
+    let versions = gateway
+        .store
+        .data_key_versions_before(merchant_id, current)
         .await?;
+    for version in versions {
+        let address = (merchant_id.to_owned(), version);
+        let references = gateway.store.records_under_key(merchant_id, version).await?;
         if references > 0 {
             state.unreferenced_since.remove(&address);
             continue;
@@ -280,17 +232,10 @@ async fn destroy_unreferenced(
         if !superseded_long_enough || since.elapsed() < grace {
             continue;
         }
-        let deleted = sqlx::query(
-            "DELETE FROM merchant_keys WHERE merchant_id = $1 AND purpose = 'data' AND version = $2 \
-             AND version < (SELECT MAX(version) FROM merchant_keys WHERE merchant_id = $1 AND purpose = 'data') \
-             AND NOT EXISTS (SELECT 1 FROM tokens WHERE merchant_id = $1 AND data_key_version = $2 \
-                             AND ciphertext IS NOT NULL)",
-        )
-        .bind(merchant_id)
-        .bind(i64::from(version))
-        .execute(pool)
-        .await?
-        .rows_affected();
+        let deleted = gateway
+            .store
+            .destroy_unreferenced_data_key(merchant_id, version)
+            .await?;
         state.unreferenced_since.remove(&address);
         gateway.keys.evict(merchant_id, PURPOSE_DATA, version);
         if deleted > 0 {

@@ -13,14 +13,15 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::admin::KeyAdminService;
-use crate::api::{Gateway, TokenizationService};
 use crate::clock::Clock;
 use crate::config::GatewayConfig;
 use crate::floor::FloorService;
 use crate::keyring::KeyRing;
 use crate::policy::Policy;
 use crate::reencrypt;
-use crate::store::Store;
+use crate::service::TokenizationService;
+use crate::state::Gateway;
+use crate::storage::Store;
 use crate::sweeper;
 use crate::transport_errors::TransportErrorsLayer;
 use crate::vault_client::VaultClient;

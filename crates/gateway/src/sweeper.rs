@@ -12,8 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::Gateway;
 use crate::clock::Clock;
+use crate::state::Gateway;
 
 /// The identity journalled for automatic expiry.
 pub const SWEEPER_IDENTITY: &str = "tessera/sweeper";

@@ -18,7 +18,7 @@ use tonic::{Code, Status};
 use crate::config::VaultConnection;
 use crate::error::ApiError;
 use crate::vault_batcher::{Batcher, Failed, Limits, Operation};
-use crate::vault_pool::{CallFailure, Pool};
+use crate::vault_pool::{CallFailure, Pool, VaultReason};
 
 /// A handle on the vaults; cheap to clone.
 #[derive(Debug, Clone)]
@@ -391,7 +391,7 @@ fn vault_call_error(status: &Status) -> ApiError {
     tracing::warn!(code = ?status.code(), reason = ?reason, "vault call failed");
     match status.code() {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-            let reason = if reason.as_deref() == Some("VAULT_SEALED") {
+            let reason = if reason.as_deref().map(VaultReason::parse) == Some(VaultReason::Sealed) {
                 "VAULT_SEALED"
             } else {
                 "VAULT_UNAVAILABLE"

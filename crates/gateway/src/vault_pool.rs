@@ -30,6 +30,34 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// a restarted vault at once without every waiting call knocking on a dead one.
 const DEMAND_PROBE_INTERVAL: Duration = Duration::from_millis(250);
 
+/// The `ErrorInfo` reasons of the vault's own statuses that the gateway acts on, parsed once
+/// from the text on the wire (the vault's reason strings are its API and do not change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum VaultReason {
+    /// `VAULT_SEALED`: the vault has no master key loaded until it is unsealed.
+    Sealed,
+    /// Any other reason, which the gateway does not tell apart.
+    Other,
+}
+
+impl VaultReason {
+    const SEALED: &'static str = "VAULT_SEALED";
+
+    pub(crate) fn parse(reason: &str) -> Self {
+        if reason == Self::SEALED {
+            Self::Sealed
+        } else {
+            Self::Other
+        }
+    }
+
+    /// The reason a status from the vault carries; `None` when it carries no `ErrorInfo` (the
+    /// client's own transport made it).
+    pub(crate) fn of(status: &Status) -> Option<Self> {
+        decode_error_info(status.details()).map(|info| Self::parse(&info.reason))
+    }
+}
+
 /// How a failed vault call failed, which decides what the gateway does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CallFailure {
@@ -48,9 +76,9 @@ impl CallFailure {
     /// Sorts a failed call. The vault puts an `ErrorInfo` on every status it sends, so a status
     /// without one came from the client's own transport, not from the vault.
     pub(crate) fn of(status: &Status) -> Self {
-        match (status.code(), decode_error_info(status.details())) {
-            (Code::Unavailable, Some(info)) => Self::Refused {
-                sealed: info.reason == "VAULT_SEALED",
+        match (status.code(), VaultReason::of(status)) {
+            (Code::Unavailable, Some(reason)) => Self::Refused {
+                sealed: reason == VaultReason::Sealed,
             },
             (_, Some(_)) => Self::Answered,
             (Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded, None) => {

@@ -12,7 +12,7 @@
 mod support;
 
 use support::{due_record, journal_entry, PostgresDatabase};
-use tessera_gateway::store::{Store, Transition, STATUS_ACTIVE, STATUS_DELETED};
+use tessera_gateway::storage::{JournalKind, Store, TokenStatus, Transition};
 
 const TOKENS: usize = 40;
 /// Deleted before the uses start.
@@ -24,8 +24,8 @@ const USES: usize = 400;
 const START: i64 = 1_800_000_000_000;
 
 const DELETION: Transition = Transition {
-    from: &[STATUS_ACTIVE],
-    to: STATUS_DELETED,
+    from: &[TokenStatus::Active],
+    to: TokenStatus::Deleted,
     destroy: true,
     clear_deadline: false,
 };
@@ -57,7 +57,7 @@ async fn concurrent_uses_are_journalled_once_each(database: &str) {
     let rows = (0..TOKENS)
         .map(|index| {
             let record = due_record(index);
-            let journal = (&journal_entry(&record.token, "TK", START)).into();
+            let journal = (&journal_entry(&record.token, JournalKind::Tokenize, START)).into();
             (record, journal)
         })
         .collect();
@@ -70,7 +70,7 @@ async fn concurrent_uses_are_journalled_once_each(database: &str) {
     for index in 0..DELETED_BEFORE {
         let token = token(index);
         first
-            .transition(&DELETION, &journal_entry(&token, "DL", START))
+            .transition(&DELETION, &journal_entry(&token, JournalKind::Delete, START))
             .await
             .unwrap()
             .unwrap();
@@ -87,7 +87,12 @@ async fn concurrent_uses_are_journalled_once_each(database: &str) {
             let token = token(index % TOKENS);
             let at = START + 1 + i64::try_from(index).unwrap();
             let used = store
-                .record_use(&journal_entry(&token, "DT", at), false, None, None)
+                .record_use(
+                    &journal_entry(&token, JournalKind::Detokenize, at),
+                    false,
+                    None,
+                    None,
+                )
                 .await
                 .unwrap();
             (index % TOKENS, Some(used))
@@ -99,7 +104,7 @@ async fn concurrent_uses_are_journalled_once_each(database: &str) {
             let token = token(index);
             let at = START + 200;
             let deleted = store
-                .transition(&DELETION, &journal_entry(&token, "DL", at))
+                .transition(&DELETION, &journal_entry(&token, JournalKind::Delete, at))
                 .await
                 .unwrap();
             assert!(deleted.is_some(), "{token} was deleted by this request alone");
@@ -139,13 +144,14 @@ async fn concurrent_uses_are_journalled_once_each(database: &str) {
         }
         let record = first.token("m1", &token).await.unwrap().unwrap();
         if index < DELETED_BEFORE + DELETED_DURING {
-            assert_eq!(record.status, STATUS_DELETED);
+            assert_eq!(record.status, TokenStatus::Deleted);
         } else {
             assert_eq!(uses, USES / TOKENS, "{token}: all its uses went through");
             assert!(
                 history
                     .iter()
-                    .any(|entry| entry.kind == "DT" && Some(entry.at) == record.last_used_at),
+                    .any(|entry| entry.kind == JournalKind::Detokenize
+                        && Some(entry.at) == record.last_used_at),
                 "{token}: last_used_at {:?} is the time of one of its uses",
                 record.last_used_at
             );

@@ -19,11 +19,10 @@ use std::path::Path;
 
 use sqlx::migrate::Migrator;
 use support::{card_record, journal_entry, PostgresDatabase};
-use tessera_gateway::events::EventRow;
-use tessera_gateway::group_commit::Journal;
+use tessera_gateway::purpose::Kind;
 use tessera_gateway::retry_guard::{Outcome, Report};
-use tessera_gateway::store::{
-    JournalEntry, Store, TokenRecord, Transition, STATUS_ACTIVE, STATUS_DELETED, STATUS_PROVISIONAL,
+use tessera_gateway::storage::{
+    DataType, EventRow, Journal, JournalEntry, JournalKind, Store, TokenRecord, TokenStatus, Transition,
 };
 
 /// The last migration before events carried their tokens' facts, per backend.
@@ -31,15 +30,15 @@ const SQLITE_BEFORE: i64 = 4;
 const POSTGRES_BEFORE: i64 = 5;
 
 const CONFIRMATION: Transition = Transition {
-    from: &[STATUS_PROVISIONAL],
-    to: STATUS_ACTIVE,
+    from: &[TokenStatus::Provisional],
+    to: TokenStatus::Active,
     destroy: false,
     clear_deadline: true,
 };
 
 const DELETION: Transition = Transition {
-    from: &[STATUS_ACTIVE],
-    to: STATUS_DELETED,
+    from: &[TokenStatus::Active],
+    to: TokenStatus::Deleted,
     destroy: true,
     clear_deadline: false,
 };
@@ -86,7 +85,7 @@ fn provisional_record(token: &str) -> TokenRecord {
         expiry_month: 3,
         expiry_year: 2029,
         shopper_reference: "shopper-2".into(),
-        status: STATUS_PROVISIONAL.into(),
+        status: TokenStatus::Provisional,
         ..card_record("m1", token)
     }
 }
@@ -94,8 +93,8 @@ fn provisional_record(token: &str) -> TokenRecord {
 /// A bank-account token (no brand, no expiry) of shopper-3.
 fn bank_record(token: &str) -> TokenRecord {
     TokenRecord {
-        kind: "recurrence".into(),
-        data_type: "bank_account".into(),
+        kind: Kind::Recurrence,
+        data_type: DataType::BankAccount,
         brand: String::new(),
         first_six: String::new(),
         last_four: "5432".into(),
@@ -112,8 +111,8 @@ type Facts = (
     String,
     String,
     String,
-    String,
-    String,
+    Option<Kind>,
+    Option<DataType>,
     String,
     String,
     u32,
@@ -126,8 +125,8 @@ fn facts(event: &EventRow) -> Facts {
         event.token.clone(),
         event.kind.clone(),
         event.shopper_reference.clone(),
-        event.token_kind.clone(),
-        event.data_type.clone(),
+        event.token_kind,
+        event.data_type,
         event.brand.clone(),
         event.last_four.clone(),
         event.expiry_month,
@@ -141,8 +140,8 @@ fn expected(record: &TokenRecord, kind: &str, payment_reference: &str) -> Facts 
         record.token.clone(),
         kind.into(),
         record.shopper_reference.clone(),
-        record.kind.clone(),
-        record.data_type.clone(),
+        Some(record.kind),
+        Some(record.data_type),
         record.brand.clone(),
         record.last_four.clone(),
         record.expiry_month,
@@ -164,15 +163,15 @@ async fn write_as_before(pool: &sqlx::AnyPool, record: &TokenRecord, entries: &[
     )
     .bind(&record.merchant_id)
     .bind(&record.token)
-    .bind(&record.kind)
-    .bind(&record.data_type)
+    .bind(record.kind.as_str())
+    .bind(record.data_type.as_str())
     .bind(&record.brand)
     .bind(&record.first_six)
     .bind(&record.last_four)
     .bind(i64::from(record.expiry_month))
     .bind(i64::from(record.expiry_year))
     .bind(&record.shopper_reference)
-    .bind(&record.status)
+    .bind(record.status.as_str())
     .execute(pool)
     .await
     .unwrap();
@@ -218,7 +217,7 @@ async fn events_carry_their_tokens_facts_before_and_after_the_upgrade(
     old.run(&pool).await.unwrap();
     // Confirmed (active) by the time the upgrade runs.
     let contract = TokenRecord {
-        status: STATUS_ACTIVE.into(),
+        status: TokenStatus::Active,
         ..provisional_record("tok_contract")
     };
     let bank = bank_record("tok_bank");
@@ -260,7 +259,7 @@ async fn events_carry_their_tokens_facts_before_and_after_the_upgrade(
     // New events get the facts from the trigger: a bulk insert and a confirmation through the
     // group-commit writer, an expiry by the sweeper, a block by the retry guard's report.
     let fresh = provisional_record("tok_fresh");
-    let journal: Journal = (&journal_entry(&fresh.token, "TK", 2)).into();
+    let journal: Journal = (&journal_entry(&fresh.token, JournalKind::Tokenize, 2)).into();
     assert_eq!(
         store.insert_tokens(vec![(fresh.clone(), journal)]).await.unwrap(),
         vec![true]
@@ -268,7 +267,7 @@ async fn events_carry_their_tokens_facts_before_and_after_the_upgrade(
     let confirmation = JournalEntry {
         detail: "RECURRING_CONTRACT payment_reference=psp-2",
         payment_reference: "psp-2",
-        ..journal_entry(&fresh.token, "CONFIRM", 3)
+        ..journal_entry(&fresh.token, JournalKind::Confirm, 3)
     };
     store
         .transition(&CONFIRMATION, &confirmation)
@@ -278,11 +277,11 @@ async fn events_carry_their_tokens_facts_before_and_after_the_upgrade(
     // A payment reference on any other kind of entry is not an event's business.
     let deletion = JournalEntry {
         payment_reference: "not-on-a-deletion",
-        ..journal_entry(&contract.token, "DL", 4)
+        ..journal_entry(&contract.token, JournalKind::Delete, 4)
     };
     store.transition(&DELETION, &deletion).await.unwrap().unwrap();
     let due = support::due_record(1);
-    let journal: Journal = (&journal_entry(&due.token, "TK", 5)).into();
+    let journal: Journal = (&journal_entry(&due.token, JournalKind::Tokenize, 5)).into();
     store.insert_tokens(vec![(due.clone(), journal)]).await.unwrap();
     let swept = store.sweep(1_000, 10, "tessera/sweeper").await.unwrap();
     assert_eq!(swept.len(), 1, "{swept:?}");

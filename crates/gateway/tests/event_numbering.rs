@@ -22,8 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::{card_record, journal_entry, PostgresDatabase};
-use tessera_gateway::events::EventRow;
-use tessera_gateway::store::{Store, Transition, STATUS_ACTIVE, STATUS_DELETED};
+use tessera_gateway::storage::{EventRow, JournalKind, Store, TokenStatus, Transition};
 
 const IMPORTS: usize = 8;
 const ROWS_PER_IMPORT: usize = 60;
@@ -33,8 +32,8 @@ const DELETED_PER_IMPORT: usize = 5;
 const PAGE: i64 = 37;
 
 const DELETION: Transition = Transition {
-    from: &[STATUS_ACTIVE],
-    to: STATUS_DELETED,
+    from: &[TokenStatus::Active],
+    to: TokenStatus::Deleted,
     destroy: true,
     clear_deadline: false,
 };
@@ -73,7 +72,7 @@ async fn write(store: Store, import: usize) {
     let rows = (0..ROWS_PER_IMPORT)
         .map(|row| {
             let token = token(import, row);
-            let journal = (&journal_entry(&token, "TK", AT)).into();
+            let journal = (&journal_entry(&token, JournalKind::Tokenize, AT)).into();
             (card_record("m1", &token), journal)
         })
         .collect();
@@ -82,7 +81,7 @@ async fn write(store: Store, import: usize) {
     for row in 0..DELETED_PER_IMPORT {
         let token = token(import, row);
         store
-            .transition(&DELETION, &journal_entry(&token, "DL", AT))
+            .transition(&DELETION, &journal_entry(&token, JournalKind::Delete, AT))
             .await
             .unwrap()
             .unwrap();
@@ -90,7 +89,12 @@ async fn write(store: Store, import: usize) {
     for row in DELETED_PER_IMPORT..2 * DELETED_PER_IMPORT {
         let token = token(import, row);
         assert!(store
-            .record_use(&journal_entry(&token, "DT", AT), false, None, None)
+            .record_use(
+                &journal_entry(&token, JournalKind::Detokenize, AT),
+                false,
+                None,
+                None
+            )
             .await
             .unwrap());
     }

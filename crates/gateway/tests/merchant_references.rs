@@ -16,9 +16,8 @@
 mod support;
 
 use support::{card_record, journal_entry, PostgresDatabase};
-use tessera_gateway::idempotency::MerchantReference;
 use tessera_gateway::retry_guard::{Outcome, Report};
-use tessera_gateway::store::{Store, StoreError};
+use tessera_gateway::storage::{JournalKind, MerchantReference, Store, StoreError};
 
 const AT: i64 = 1_800_000_000_000;
 const CONCURRENT: usize = 32;
@@ -38,7 +37,7 @@ fn token(index: usize) -> String {
 
 async fn insert(store: &Store, index: usize, with: Option<&MerchantReference>) -> Result<(), StoreError> {
     let record = card_record("m1", &token(index));
-    let journal = (&journal_entry(&record.token, "TK", AT)).into();
+    let journal = (&journal_entry(&record.token, JournalKind::Tokenize, AT)).into();
     store.insert_token_claiming(&record, &journal, with).await
 }
 

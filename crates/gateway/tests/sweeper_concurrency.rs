@@ -18,7 +18,7 @@ mod support;
 use std::time::Duration;
 
 use support::{due_record, journal_entry, PostgresDatabase};
-use tessera_gateway::store::Store;
+use tessera_gateway::storage::{JournalKind, Store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sweepers_expire_each_token_once_sqlite() {
@@ -43,7 +43,7 @@ async fn two_sweepers_expire_each_token_once(database: &str) {
     const TOKENS: usize = 300;
     for index in 0..TOKENS {
         let record = due_record(index);
-        let entry = journal_entry(&record.token, "TK", 0);
+        let entry = journal_entry(&record.token, JournalKind::Tokenize, 0);
         first.insert_token(&record, &(&entry).into()).await.unwrap();
     }
     let sweep = |store: Store, name: &'static str| async move {
@@ -74,7 +74,7 @@ async fn two_sweepers_expire_each_token_once(database: &str) {
             .await
             .unwrap()
             .into_iter()
-            .filter(|e| e.kind == "EXPIRE")
+            .filter(|e| e.kind == JournalKind::Expire)
             .count();
         assert_eq!(expiries, 1, "{token}");
         let record = first.token("m1", &token).await.unwrap().unwrap();

@@ -7,16 +7,17 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use sqlx::{Connection as _, Executor as _};
-use tessera_gateway::store::{JournalEntry, TokenRecord, STATUS_ACTIVE};
+use tessera_gateway::purpose::Kind;
+use tessera_gateway::storage::{DataType, JournalEntry, JournalKind, TokenFormat, TokenRecord, TokenStatus};
 
 /// An active card-on-file token of a Visa card expiring in December 2031, retained for good.
 pub fn card_record(merchant_id: &str, token: &str) -> TokenRecord {
     TokenRecord {
         merchant_id: merchant_id.into(),
         token: token.into(),
-        kind: "card_on_file".into(),
-        data_type: "card".into(),
-        format: "opaque".into(),
+        kind: Kind::CardOnFile,
+        data_type: DataType::Card,
+        format: TokenFormat::Opaque,
         brand: "VISA".into(),
         first_six: "411111".into(),
         last_four: "1111".into(),
@@ -29,7 +30,7 @@ pub fn card_record(merchant_id: &str, token: &str) -> TokenRecord {
         data_key_version: 1,
         holds_cvc: false,
         cvc_vault: String::new(),
-        status: STATUS_ACTIVE.into(),
+        status: TokenStatus::Active,
         created_at: 1,
         last_used_at: None,
         ended_at: None,
@@ -52,7 +53,7 @@ pub fn due_record(index: usize) -> TokenRecord {
 }
 
 /// A journal entry of merchant `m1` by caller `test`, with no purpose or detail.
-pub fn journal_entry<'a>(token: &'a str, kind: &'static str, at: i64) -> JournalEntry<'a> {
+pub fn journal_entry<'a>(token: &'a str, kind: JournalKind, at: i64) -> JournalEntry<'a> {
     JournalEntry {
         merchant_id: "m1",
         token,

@@ -18,7 +18,9 @@ use std::time::Duration;
 use sqlx::{AnyConnection, AnyPool, Row};
 use tokio::sync::Mutex;
 
-use crate::store::SQLITE_BUSY_TIMEOUT;
+/// How long a connection waits out another's lock; the writer's WAL restart shortens it for
+/// one statement and puts this back.
+pub(crate) const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 10000";
 
 /// WAL frames (4 KiB pages) after which the writer restarts the WAL: 32 MiB, half of
 /// `journal_size_limit`, so the file is reused rather than truncated and grown again.

@@ -5,7 +5,7 @@
 //! is retried op by op, so one bad write never fails its neighbours.
 //!
 //! A write that carries a merchant reference claims it in the same transaction (see
-//! `crate::idempotency::claim_reference`): a strict reference already taken refuses that write
+//! `records::claim_reference`): a strict reference already taken refuses that write
 //! alone, and a token insert's claim is undone with it when the token collides.
 
 use std::fmt;
@@ -15,13 +15,15 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool, Connection as _, Row};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use crate::clock::UnixMillis;
-use crate::idempotency::{claim_reference, MerchantReference};
-use crate::store::{
-    apply_transition, insert_journal, select_token, values_rows, Backend, StoreError, StoredKey, TokenRecord,
-    Transition, Tx, STATUS_ACTIVE, STATUS_CONSUMED, TOKEN_COLUMNS, TOKEN_COLUMN_COUNT,
+use super::records::{
+    apply_transition, claim_reference, insert_journal, select_token, values_rows, Backend, Journal,
+    MerchantReference, StoreError, StoredKey, TokenRecord, TokenStatus, Transition, Tx, TOKEN_COLUMNS,
+    TOKEN_COLUMN_COUNT,
 };
-use crate::wal_checkpoint::WalCheckpoints;
+use super::retry_guard;
+use super::wal_checkpoint::WalCheckpoints;
+use crate::clock::UnixMillis;
+use crate::retry_guard::{Report, ReportState};
 
 /// Most writes one transaction carries; bounds the latency a batch adds and the statement size.
 const MAX_BATCH: usize = 512;
@@ -32,35 +34,6 @@ const ROWS_PER_INSERT: usize = 256;
 const LAST_USED_PRECISION_MS: i64 = 60_000;
 /// Writes waiting for a writer; past this, requests wait to enqueue (back-pressure).
 const QUEUE_DEPTH: usize = 8192;
-
-/// A journal entry owned by a queued write.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Journal {
-    pub merchant_id: String,
-    pub token: String,
-    pub kind: &'static str,
-    pub caller: String,
-    pub at: UnixMillis,
-    pub purpose: String,
-    pub detail: String,
-    /// CONFIRM only: the payment reference it was confirmed with (carried by its event).
-    pub payment_reference: String,
-}
-
-impl From<&crate::store::JournalEntry<'_>> for Journal {
-    fn from(entry: &crate::store::JournalEntry<'_>) -> Self {
-        Self {
-            merchant_id: entry.merchant_id.to_owned(),
-            token: entry.token.to_owned(),
-            kind: entry.kind,
-            caller: entry.caller.to_owned(),
-            at: entry.at,
-            purpose: entry.purpose.to_owned(),
-            detail: entry.detail.to_owned(),
-            payment_reference: entry.payment_reference.to_owned(),
-        }
-    }
-}
 
 /// One write of one request.
 #[derive(Debug, Clone)]
@@ -89,7 +62,7 @@ pub enum WriteOp {
     /// Record an authorisation outcome and apply the retry guard's rules, unless its merchant
     /// reference is strict and taken.
     ReportAuthorization {
-        report: Box<crate::retry_guard::Report>,
+        report: Box<Report>,
         reference: Option<MerchantReference>,
     },
     /// Record a merchant reference alone (a deduplicated tokenize, which stores no token).
@@ -116,7 +89,7 @@ pub enum WriteReply {
     /// `false` when the token stopped being usable first.
     Used(bool),
     /// The card's retry-guard state after a report.
-    Reported(crate::retry_guard::ReportState),
+    Reported(ReportState),
     /// The write's strict merchant reference was seen in the last 24 hours; nothing was
     /// written.
     ReferenceTaken,
@@ -348,7 +321,7 @@ async fn run(conn: &mut AnyConnection, ops: &[&WriteOp]) -> Result<Vec<WriteRepl
                 }
             }
             WriteOp::ReportAuthorization { report, .. } => {
-                WriteReply::Reported(crate::retry_guard::apply(&mut tx, report).await?)
+                WriteReply::Reported(retry_guard::apply(&mut tx, report).await?)
             }
             // Claimed in `claim_references`, which answered it.
             WriteOp::RecordReference(_) => WriteReply::Done,
@@ -660,9 +633,9 @@ async fn insert_tokens(
         query = query
             .bind(record.merchant_id.clone())
             .bind(record.token.clone())
-            .bind(record.kind.clone())
-            .bind(record.data_type.clone())
-            .bind(record.format.clone())
+            .bind(record.kind.as_str())
+            .bind(record.data_type.as_str())
+            .bind(record.format.as_str())
             .bind(record.brand.clone())
             .bind(record.first_six.clone())
             .bind(record.last_four.clone())
@@ -675,7 +648,7 @@ async fn insert_tokens(
             .bind(i64::from(record.data_key_version))
             .bind(i64::from(record.holds_cvc))
             .bind(record.cvc_vault.clone())
-            .bind(record.status.clone())
+            .bind(record.status.as_str())
             .bind(record.created_at)
             .bind(record.last_used_at)
             .bind(record.ended_at)
@@ -701,7 +674,7 @@ async fn insert_journals(tx: &mut Tx<'_>, journals: &[&Journal]) -> Result<(), S
             query = query
                 .bind(journal.merchant_id.clone())
                 .bind(journal.token.clone())
-                .bind(journal.kind)
+                .bind(journal.kind.as_str())
                 .bind(journal.caller.clone())
                 .bind(journal.at)
                 .bind(journal.purpose.clone())
@@ -732,8 +705,8 @@ async fn record_use(
     }
     if let Some(cvc_token) = cvc_token {
         let consume_cvc = Transition {
-            from: &[STATUS_ACTIVE],
-            to: STATUS_CONSUMED,
+            from: &[TokenStatus::Active],
+            to: TokenStatus::Consumed,
             destroy: true,
             clear_deadline: false,
         };
@@ -814,7 +787,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::store::{JournalEntry, Store, STATUS_DELETED};
+    use crate::purpose::Kind;
+    use crate::storage::{DataType, JournalEntry, JournalKind, Store, TokenFormat};
 
     const MERCHANT: &str = "m_batch";
     const NOW: UnixMillis = 1_800_000_000_000;
@@ -823,9 +797,9 @@ mod tests {
         TokenRecord {
             merchant_id: MERCHANT.into(),
             token: token.into(),
-            kind: "card_on_file".into(),
-            data_type: "card".into(),
-            format: "opaque".into(),
+            kind: Kind::CardOnFile,
+            data_type: DataType::Card,
+            format: TokenFormat::Opaque,
             brand: "VISA".into(),
             first_six: "411111".into(),
             last_four: "1111".into(),
@@ -838,7 +812,7 @@ mod tests {
             data_key_version: 1,
             holds_cvc: false,
             cvc_vault: String::new(),
-            status: STATUS_ACTIVE.into(),
+            status: TokenStatus::Active,
             created_at: NOW,
             last_used_at: None,
             ended_at: None,
@@ -848,7 +822,7 @@ mod tests {
         }
     }
 
-    fn journal(token: &str, kind: &'static str, at: UnixMillis) -> Journal {
+    fn journal(token: &str, kind: JournalKind, at: UnixMillis) -> Journal {
         Journal {
             merchant_id: MERCHANT.into(),
             token: token.into(),
@@ -863,7 +837,7 @@ mod tests {
 
     fn plain_use(token: &str, at: UnixMillis) -> WriteOp {
         WriteOp::RecordUse {
-            journal: journal(token, "DT", at),
+            journal: journal(token, JournalKind::Detokenize, at),
             consume: false,
             retain_until: None,
             cvc_token: None,
@@ -871,8 +845,8 @@ mod tests {
     }
 
     const DELETION: Transition = Transition {
-        from: &[STATUS_ACTIVE],
-        to: STATUS_DELETED,
+        from: &[TokenStatus::Active],
+        to: TokenStatus::Deleted,
         destroy: true,
         clear_deadline: false,
     };
@@ -880,7 +854,7 @@ mod tests {
     fn delete(token: &str, at: UnixMillis) -> WriteOp {
         WriteOp::Transition {
             change: DELETION,
-            journal: journal(token, "DL", at),
+            journal: journal(token, JournalKind::Delete, at),
         }
     }
 
@@ -890,13 +864,13 @@ mod tests {
             .unwrap();
         let rows = tokens
             .iter()
-            .map(|token| (record(token), journal(token, "TK", NOW)))
+            .map(|token| (record(token), journal(token, JournalKind::Tokenize, NOW)))
             .collect();
         store.insert_tokens(rows).await.unwrap();
         store
     }
 
-    fn kinds(history: &[crate::store::JournalRecord]) -> Vec<&str> {
+    fn kinds(history: &[crate::storage::JournalRecord]) -> Vec<&str> {
         history.iter().map(|entry| entry.kind.as_str()).collect()
     }
 
@@ -911,7 +885,7 @@ mod tests {
         let deleted = JournalEntry {
             merchant_id: MERCHANT,
             token: "tok_c",
-            kind: "DL",
+            kind: JournalKind::Delete,
             caller: "spiffe://tessera/test",
             at: NOW,
             purpose: "",
@@ -1021,7 +995,7 @@ mod tests {
     fn insert(token: &str, reference: Option<&str>) -> WriteOp {
         WriteOp::InsertToken {
             record: Box::new(record(token)),
-            journal: journal(token, "TK", NOW),
+            journal: journal(token, JournalKind::Tokenize, NOW),
             reference: reference.map(strict),
         }
     }

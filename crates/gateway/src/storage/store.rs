@@ -1,178 +1,21 @@
-//! Token storage: wrapped merchant keys, token records (ciphertext and metadata) and the
-//! journal, in SQLite through sqlx with embedded migrations.
+//! The store: the gateway's database handle. Reads go to a pool; writes go through the write
+//! queue ([`super::write_queue`]), which commits concurrent requests' writes together.
 
-use std::fmt;
 use std::time::Duration;
 
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Row};
 
+use super::records::{
+    enum_column, insert_journal, token_from_row, u32_column, Backend, Journal, JournalEntry, JournalKind,
+    JournalRecord, ListCursor, MerchantReference, StoreError, StoredKey, Swept, TokenRecord, TokenStatus,
+    Transition, TOKEN_COLUMNS,
+};
+use super::wal_checkpoint::{WalCheckpoints, SQLITE_BUSY_TIMEOUT};
+use super::write_queue::{GroupCommit, WriteOp, WriteReply};
 use crate::clock::UnixMillis;
-use crate::group_commit::{GroupCommit, Journal, WriteOp, WriteReply};
-use crate::idempotency::MerchantReference;
-use crate::wal_checkpoint::WalCheckpoints;
-
-/// A storage failure. Messages name tables and operations, never card data.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The row to insert already exists (same merchant and token).
-    Duplicate,
-    /// The write's strict merchant reference was seen in the last 24 hours; nothing was
-    /// written.
-    ReferenceTaken,
-    /// The database could not be opened or migrated.
-    Open(String),
-    /// A query failed.
-    Query(String),
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Duplicate => f.write_str("row already exists"),
-            Self::ReferenceTaken => f.write_str("the merchant reference was seen in the last 24 hours"),
-            Self::Open(why) => write!(f, "cannot open the database: {why}"),
-            Self::Query(why) => write!(f, "database query failed: {why}"),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(err: sqlx::Error) -> Self {
-        match &err {
-            sqlx::Error::Database(db) if db.is_unique_violation() => Self::Duplicate,
-            _ => Self::Query(err.to_string()),
-        }
-    }
-}
-
-/// A wrapped key as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredKey {
-    pub merchant_id: String,
-    pub purpose: &'static str,
-    pub version: u32,
-    pub blob: Vec<u8>,
-}
-
-/// Token lifecycle states as stored.
-pub const STATUS_PROVISIONAL: &str = "provisional";
-pub const STATUS_ACTIVE: &str = "active";
-pub const STATUS_DELETED: &str = "deleted";
-pub const STATUS_EXPIRED: &str = "expired";
-pub const STATUS_CONSUMED: &str = "consumed";
-
-/// A token record. `ciphertext` is `None` once the token is deleted, expired or consumed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct TokenRecord {
-    pub merchant_id: String,
-    pub token: String,
-    pub kind: String,
-    pub data_type: String,
-    pub format: String,
-    pub brand: String,
-    pub first_six: String,
-    pub last_four: String,
-    pub expiry_month: u32,
-    pub expiry_year: u32,
-    pub shopper_reference: String,
-    pub fingerprint: Option<Vec<u8>>,
-    pub fingerprint_key_version: u32,
-    pub ciphertext: Option<Vec<u8>>,
-    pub data_key_version: u32,
-    pub holds_cvc: bool,
-    /// The vault endpoint that holds this token's CVC; empty when none does.
-    pub cvc_vault: String,
-    pub status: String,
-    pub created_at: UnixMillis,
-    pub last_used_at: Option<UnixMillis>,
-    pub ended_at: Option<UnixMillis>,
-    pub expires_at: Option<UnixMillis>,
-    pub retain_until: UnixMillis,
-    pub retention_extended_months: u32,
-}
-
-impl fmt::Debug for TokenRecord {
-    // Ciphertext and fingerprint are not secrets, but they are nobody's business in a log.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenRecord")
-            .field("merchant_id", &self.merchant_id)
-            .field("token", &self.token)
-            .field("kind", &self.kind)
-            .field("status", &self.status)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A journal entry to write beside a change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JournalEntry<'a> {
-    pub merchant_id: &'a str,
-    pub token: &'a str,
-    /// Transaction type: TK, DT, DL, CONFIRM, EXTEND, EXPIRE.
-    pub kind: &'static str,
-    pub caller: &'a str,
-    pub at: UnixMillis,
-    /// For DT, the stated purpose as `INITIATOR/MODEL/INTERACTION`.
-    pub purpose: &'a str,
-    pub detail: &'a str,
-    /// For CONFIRM, the payment reference it was confirmed with (empty if none, and for every
-    /// other kind); the journal's trigger puts it on the TOKEN_CONFIRMED event.
-    pub payment_reference: &'a str,
-}
-
-/// A journal entry as read back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JournalRecord {
-    pub id: i64,
-    pub kind: String,
-    pub caller: String,
-    pub at: UnixMillis,
-    pub purpose: String,
-    pub detail: String,
-}
-
-/// A token the sweeper ended, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Swept {
-    pub merchant_id: String,
-    pub token: String,
-    pub reason: &'static str,
-}
-
-/// A page position in a shopper's token list: (created_at, token) of the last item shown.
-pub type ListCursor = (UnixMillis, String);
-
-/// Which database the gateway uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-impl Backend {
-    /// `postgres://` and `postgresql://` URLs select PostgreSQL; anything else is an SQLite
-    /// file path (or `sqlite://` URL).
-    pub fn of(database: &str) -> Self {
-        if database.starts_with("postgres://") || database.starts_with("postgresql://") {
-            Self::Postgres
-        } else {
-            Self::Sqlite
-        }
-    }
-
-    /// The backend of an open connection (or transaction), for SQL that differs between them.
-    pub(crate) fn of_connection(conn: &sqlx::AnyConnection) -> Self {
-        if conn.backend_name() == "PostgreSQL" {
-            Self::Postgres
-        } else {
-            Self::Sqlite
-        }
-    }
-}
+use crate::purpose::Kind;
+use crate::retry_guard::{Report, ReportState};
 
 /// The gateway's database: a pool for reads and a group-commit writer for writes.
 #[derive(Debug, Clone)]
@@ -180,65 +23,6 @@ pub struct Store {
     pool: AnyPool,
     writer: GroupCommit,
     backend: Backend,
-}
-
-pub(crate) fn u32_column(row: &AnyRow, name: &str) -> Result<u32, sqlx::Error> {
-    let value: i64 = row.try_get(name)?;
-    u32::try_from(value).map_err(|err| sqlx::Error::ColumnDecode {
-        index: name.to_owned(),
-        source: Box::new(err),
-    })
-}
-
-pub(crate) const TOKEN_COLUMNS: &str =
-    "merchant_id, token, kind, data_type, format, brand, first_six, last_four, \
-     expiry_month, expiry_year, shopper_reference, fingerprint, fingerprint_key_version, ciphertext, \
-     data_key_version, holds_cvc, cvc_vault, status, created_at, last_used_at, ended_at, expires_at, \
-     retain_until, retention_extended_months";
-
-/// Columns per token row, for multi-row inserts.
-pub(crate) const TOKEN_COLUMN_COUNT: usize = 24;
-
-pub(crate) fn token_from_row(row: &AnyRow) -> Result<TokenRecord, sqlx::Error> {
-    Ok(TokenRecord {
-        merchant_id: row.try_get("merchant_id")?,
-        token: row.try_get("token")?,
-        kind: row.try_get("kind")?,
-        data_type: row.try_get("data_type")?,
-        format: row.try_get("format")?,
-        brand: row.try_get("brand")?,
-        first_six: row.try_get("first_six")?,
-        last_four: row.try_get("last_four")?,
-        expiry_month: u32_column(row, "expiry_month")?,
-        expiry_year: u32_column(row, "expiry_year")?,
-        shopper_reference: row.try_get("shopper_reference")?,
-        fingerprint: row.try_get("fingerprint")?,
-        fingerprint_key_version: u32_column(row, "fingerprint_key_version")?,
-        ciphertext: row.try_get("ciphertext")?,
-        data_key_version: u32_column(row, "data_key_version")?,
-        holds_cvc: row.try_get::<i64, _>("holds_cvc")? != 0,
-        cvc_vault: row.try_get("cvc_vault")?,
-        status: row.try_get("status")?,
-        created_at: row.try_get("created_at")?,
-        last_used_at: row.try_get("last_used_at")?,
-        ended_at: row.try_get("ended_at")?,
-        expires_at: row.try_get("expires_at")?,
-        retain_until: row.try_get("retain_until")?,
-        retention_extended_months: u32_column(row, "retention_extended_months")?,
-    })
-}
-
-pub(crate) type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
-
-/// A state change of one token, applied only if the token is in one of `from` states.
-#[derive(Debug, Clone)]
-pub struct Transition {
-    pub from: &'static [&'static str],
-    pub to: &'static str,
-    /// Destroy ciphertext and fingerprint (deletion, expiry, consumption).
-    pub destroy: bool,
-    /// Clear the provisional or single-use deadline (confirmation).
-    pub clear_deadline: bool,
 }
 
 impl Store {
@@ -315,9 +99,9 @@ impl Store {
     /// recorded, when the reference is strict and was seen in the last 24 hours.
     pub async fn report_authorization(
         &self,
-        report: crate::retry_guard::Report,
+        report: Report,
         reference: Option<MerchantReference>,
-    ) -> Result<crate::retry_guard::ReportState, StoreError> {
+    ) -> Result<ReportState, StoreError> {
         let op = WriteOp::ReportAuthorization {
             report: Box::new(report),
             reference,
@@ -447,7 +231,7 @@ impl Store {
         .bind(token)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.as_ref().map(token_from_row).transpose()?)
+        row.as_ref().map(token_from_row).transpose()
     }
 
     /// The newest usable token of the same data (by fingerprint) for a merchant, shopper and
@@ -456,7 +240,7 @@ impl Store {
         &self,
         merchant_id: &str,
         shopper_reference: &str,
-        kind: &str,
+        kind: Kind,
         fingerprint: &[u8],
         now: UnixMillis,
     ) -> Result<Option<TokenRecord>, StoreError> {
@@ -469,12 +253,12 @@ impl Store {
         .bind(merchant_id)
         .bind(fingerprint)
         .bind(shopper_reference)
-        .bind(kind)
-        .bind(STATUS_ACTIVE)
+        .bind(kind.as_str())
+        .bind(TokenStatus::Active.as_str())
         .bind(now)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.as_ref().map(token_from_row).transpose()?)
+        row.as_ref().map(token_from_row).transpose()
     }
 
     /// Applies `change` to one token and journals it, in one transaction. Returns the record
@@ -570,10 +354,7 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(token_from_row)
-            .collect::<Result<_, _>>()
-            .map_err(StoreError::from)
+        rows.iter().map(token_from_row).collect::<Result<_, _>>()
     }
 
     /// Journal entries of one token, oldest first.
@@ -603,15 +384,14 @@ impl Store {
             .map(|row| {
                 Ok(JournalRecord {
                     id: row.try_get("id")?,
-                    kind: row.try_get("kind")?,
+                    kind: enum_column(row, "kind", JournalKind::parse)?,
                     caller: row.try_get("caller")?,
                     at: row.try_get("at")?,
                     purpose: row.try_get("purpose")?,
                     detail: row.try_get("detail")?,
                 })
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+            .collect()
     }
 
     /// Ends up to `batch` tokens whose time has come, journalling each as EXPIRE, and returns
@@ -650,7 +430,7 @@ impl Store {
                 let entry = JournalEntry {
                     merchant_id: &merchant_id,
                     token: &token,
-                    kind: "EXPIRE",
+                    kind: JournalKind::Expire,
                     caller,
                     at: now,
                     purpose: "",
@@ -702,99 +482,6 @@ impl Store {
     }
 }
 
-/// The `VALUES` list of a multi-row INSERT: `rows` tuples of `columns` parameters.
-///
-/// SQLite gets anonymous `?` parameters. With numbered ones (`$7`) every bind looks its
-/// parameter's name up with `sqlite3_bind_parameter_name`, a linear scan of the statement's
-/// parameter list, so binding a statement of n parameters costs O(n²): at 256 rows × 24 columns
-/// that scan took three quarters of the gateway's CPU during bulk import. PostgreSQL needs `$N`.
-pub(crate) fn values_rows(tx: &Tx<'_>, rows: usize, columns: usize) -> String {
-    let numbered = Backend::of_connection(tx) == Backend::Postgres;
-    let mut out = String::with_capacity(rows * columns * 6);
-    for row in 0..rows {
-        out.push_str(if row == 0 { "(" } else { ", (" });
-        for column in 0..columns {
-            if column > 0 {
-                out.push_str(", ");
-            }
-            if numbered {
-                out.push('$');
-                out.push_str(&(row * columns + column + 1).to_string());
-            } else {
-                out.push('?');
-            }
-        }
-        out.push(')');
-    }
-    out
-}
-
-pub(crate) async fn select_token(
-    tx: &mut Tx<'_>,
-    merchant_id: &str,
-    token: &str,
-) -> Result<TokenRecord, StoreError> {
-    let row = sqlx::query(&format!(
-        "SELECT {TOKEN_COLUMNS} FROM tokens WHERE merchant_id = $1 AND token = $2"
-    ))
-    .bind(merchant_id)
-    .bind(token)
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(token_from_row(&row)?)
-}
-
-pub(crate) async fn apply_transition(
-    tx: &mut Tx<'_>,
-    merchant_id: &str,
-    token: &str,
-    change: &Transition,
-    at: UnixMillis,
-) -> Result<bool, StoreError> {
-    let from = change
-        .from
-        .iter()
-        .map(|state| format!("'{state}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let changed = sqlx::query(&format!(
-        "UPDATE tokens SET status = $1, \
-         ended_at = CASE WHEN $2 = 1 THEN $3 ELSE ended_at END, \
-         ciphertext = CASE WHEN $2 = 1 THEN NULL ELSE ciphertext END, \
-         fingerprint = CASE WHEN $2 = 1 THEN NULL ELSE fingerprint END, \
-         expires_at = CASE WHEN $4 = 1 THEN NULL ELSE expires_at END \
-         WHERE merchant_id = $5 AND token = $6 AND status IN ({from})"
-    ))
-    .bind(change.to)
-    .bind(i64::from(change.destroy))
-    .bind(at)
-    .bind(i64::from(change.clear_deadline))
-    .bind(merchant_id)
-    .bind(token)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    Ok(changed == 1)
-}
-
-pub(crate) async fn insert_journal(tx: &mut Tx<'_>, entry: &Journal) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO journal (merchant_id, token, kind, caller, at, purpose, detail, payment_reference) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(&entry.merchant_id)
-    .bind(&entry.token)
-    .bind(entry.kind)
-    .bind(&entry.caller)
-    .bind(entry.at)
-    .bind(&entry.purpose)
-    .bind(&entry.detail)
-    .bind(&entry.payment_reference)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
 /// SQLite settings for many concurrent durable writes (documented in docs/storage.md):
 /// - WAL: readers never block the writer and the writer never blocks readers.
 /// - synchronous = FULL: a commit is on disk before any request it carries is answered.
@@ -816,10 +503,6 @@ const SQLITE_PRAGMAS: &[&str] = &[
     SQLITE_BUSY_TIMEOUT,
     "PRAGMA foreign_keys = ON",
 ];
-
-/// How long a connection waits out another's lock; the writer's WAL restart shortens it for
-/// one statement and puts this back.
-pub(crate) const SQLITE_BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 10000";
 
 /// Read connections: enough for the machine's cores to be busy, with headroom for queries
 /// waiting on the network (PostgreSQL) or on the disk.

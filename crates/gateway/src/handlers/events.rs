@@ -10,101 +10,33 @@
 //! `0006_event_token_facts.sql` the trigger also copies the token's facts a subscriber needs
 //! (shopper reference, kind, data type, brand, last four, expiry) from its row, and a
 //! confirmation's payment reference from its journal entry, so an event can be used without a
-//! GetToken; never card data. This module reads them.
+//! GetToken; never card data. This module streams them (`crate::storage` reads them).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::Row;
-use tessera_api::v1::{EventType, SubscribeEventsRequest, TokenEvent, TokenKind};
+use tessera_api::v1::{DataType, EventType, SubscribeEventsRequest, TokenEvent, TokenKind};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::api::{brand_of, data_type_of, Gateway};
-use crate::clock::UnixMillis;
 use crate::error::ApiError;
+use crate::mapping::{brand_of, data_type_of};
 use crate::purpose::Kind;
-use crate::store::{u32_column, Store, StoreError};
+use crate::state::Gateway;
+use crate::storage::EventRow;
 
 /// Events read per query while catching up.
 const PAGE: i64 = 500;
 /// How often a caught-up subscriber looks for new events.
 const POLL: Duration = Duration::from_millis(200);
 
-/// An event as stored: what happened, and the facts of its token (as `tokens` stores them).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventRow {
-    pub seq: i64,
-    pub merchant_id: String,
-    pub token: String,
-    pub kind: String,
-    pub at: UnixMillis,
-    pub detail: String,
-    pub shopper_reference: String,
-    /// The token's kind (card_on_file, recurrence, single_use).
-    pub token_kind: String,
-    pub data_type: String,
-    pub brand: String,
-    pub last_four: String,
-    pub expiry_month: u32,
-    pub expiry_year: u32,
-    /// TOKEN_CONFIRMED only: the payment reference of the confirmation.
-    pub payment_reference: String,
-}
-
-impl Store {
-    /// A merchant's events after `after`, oldest first.
-    pub async fn events_after(
-        &self,
-        merchant_id: &str,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, merchant_id, token, kind, at, detail, shopper_reference, token_kind, data_type, brand, \
-             last_four, expiry_month, expiry_year, payment_reference \
-             FROM events WHERE merchant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        )
-        .bind(merchant_id)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(EventRow {
-                    seq: row.try_get("seq")?,
-                    merchant_id: row.try_get("merchant_id")?,
-                    token: row.try_get("token")?,
-                    kind: row.try_get("kind")?,
-                    at: row.try_get("at")?,
-                    detail: row.try_get("detail")?,
-                    shopper_reference: row.try_get("shopper_reference")?,
-                    token_kind: row.try_get("token_kind")?,
-                    data_type: row.try_get("data_type")?,
-                    brand: row.try_get("brand")?,
-                    last_four: row.try_get("last_four")?,
-                    expiry_month: u32_column(row, "expiry_month")?,
-                    expiry_year: u32_column(row, "expiry_year")?,
-                    payment_reference: row.try_get("payment_reference")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
-    }
-}
-
 fn event_message(row: EventRow) -> TokenEvent {
     let kind =
         EventType::from_str_name(&format!("EVENT_TYPE_{}", row.kind)).unwrap_or(EventType::Unspecified);
     // Empty only if the event's token row was missing when it was written, which no code path
     // does; then the event says nothing about the kind rather than guess card-on-file.
-    let token_kind = if row.token_kind.is_empty() {
-        TokenKind::Unspecified
-    } else {
-        Kind::parse(&row.token_kind).to_proto()
-    };
+    let token_kind = row.token_kind.map_or(TokenKind::Unspecified, Kind::to_proto);
     TokenEvent {
         sequence: u64::try_from(row.seq).unwrap_or(0),
         r#type: kind as i32,
@@ -117,7 +49,7 @@ fn event_message(row: EventRow) -> TokenEvent {
         detail: row.detail,
         shopper_reference: row.shopper_reference,
         token_kind: token_kind as i32,
-        data_type: data_type_of(&row.data_type) as i32,
+        data_type: row.data_type.map_or(DataType::Unspecified, data_type_of) as i32,
         brand: brand_of(&row.brand) as i32,
         last_four: row.last_four,
         expiry_month: row.expiry_month,

@@ -23,8 +23,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 use zeroize::Zeroizing;
 
-use crate::api::{store_error, token_message, Gateway, Prepared};
+use super::tokenize::Prepared;
 use crate::error::ApiError;
+use crate::mapping::token_message;
+use crate::state::Gateway;
+use crate::storage::store_error;
 use crate::transport_errors::{explain, too_large};
 
 /// Items protected and stored together.
@@ -280,11 +283,13 @@ async fn import_chunk(
     let mut stored = Vec::with_capacity(protected.len());
     for ((index, sequence, prepared), protected) in ready.into_iter().zip(protected) {
         match protected {
-            Ok(protected) => {
-                let (record, journal) = gateway.record_for(&prepared, protected, &caller_name, now);
-                rows.push((record, journal));
-                stored.push((index, sequence, prepared));
-            }
+            Ok(protected) => match gateway.record_for(&prepared, protected, &caller_name, now) {
+                Ok(row) => {
+                    rows.push(row);
+                    stored.push((index, sequence, prepared));
+                }
+                Err(err) => set(&mut results, index, failure(sequence, &err)),
+            },
             Err(err) => set(&mut results, index, failure(sequence, &err)),
         }
     }
