@@ -12,6 +12,7 @@ use tessera_vault::kek_source::{DevelopmentKeyFile, MasterKeySource};
 use tessera_vault::sealing::SealedStart;
 use tessera_vault::service::{KeySource, Vault, VaultFacts, VaultLimits};
 use tessera_vault::{grpc, tls};
+use tessera_vault_core::crypto::Random;
 
 /// Tessera's vault: the only process that holds keys.
 #[derive(Debug, Parser)]
@@ -63,16 +64,14 @@ async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -
                 path: path.clone(),
                 create_if_missing: *create_if_missing,
             };
-            let master = source
-                .load(&ring::rand::SystemRandom::new())
-                .map_err(|err| err.to_string())?;
+            let master = source.load(&Random::system()).map_err(|err| err.to_string())?;
             tracing::info!(key_check_value = %master.key_check_value(), source = source.describe(), "master key loaded");
             for path in previous_paths {
                 let previous = DevelopmentKeyFile {
                     path: path.clone(),
                     create_if_missing: false,
                 }
-                .load(&ring::rand::SystemRandom::new())
+                .load(&Random::system())
                 .map_err(|err| err.to_string())?;
                 tracing::warn!(key_check_value = %previous.key_check_value(), "previous master key loaded for re-wrapping only (KEK rotation)");
                 previous_keys.push(previous);

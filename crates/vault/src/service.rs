@@ -5,8 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use ring::rand::SystemRandom;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tessera_api::data_checks::cvc_valid;
 use tessera_api::vault::{
@@ -19,16 +18,21 @@ use tessera_api::vault::{
 };
 use zeroize::Zeroizing;
 
-use crate::audit::{AuditBatch, AuditLog, AuditSigner};
-use crate::card::today_utc;
+use tessera_vault_core::audit_key::AuditSigner;
+use tessera_vault_core::card::year_month_utc;
+use tessera_vault_core::crypto::Random;
+use tessera_vault_core::cvc::{CvcError, CvcStore};
+use tessera_vault_core::error::code;
+pub use tessera_vault_core::error::VaultError;
+use tessera_vault_core::keys::{DataKey, FingerprintKey, KeyCache, KeyError, KeyId, KeyPurpose, MasterKey};
+use tessera_vault_core::payload::{DataError, ValidData};
+use tessera_vault_core::record::{open_data, seal_data, NonceSequence, RecordAad, RecordError};
+use tessera_vault_core::token::{TokenError, TokenRandom};
+
+use crate::audit::{AuditBatch, AuditLog};
 use crate::config::Mode;
-use crate::cvc::{CvcError, CvcStore};
 use crate::hardening::{is_debug_build, HardeningReport};
-use crate::keys::{DataKey, FingerprintKey, KeyCache, KeyError, KeyId, KeyPurpose, MasterKey};
-use crate::payload::{DataError, ValidData};
-use crate::record::{open_data, seal_data, NonceSequence, RecordAad, RecordError};
 use crate::sealing::{SealError, SealedStart, Submitted};
-use crate::token::{TokenError, TokenRandom};
 
 /// Most items one request may carry; bounds the work and memory of a single call.
 pub const MAX_BATCH_ITEMS: usize = 10_000;
@@ -36,80 +40,9 @@ pub const MAX_BATCH_ITEMS: usize = 10_000;
 /// Longest reveal purpose recorded in the audit log.
 const MAX_PURPOSE_BYTES: usize = 128;
 
-/// gRPC status codes used for item and request errors (google.rpc.Code values).
-pub mod code {
-    pub const INVALID_ARGUMENT: i32 = 3;
-    pub const FAILED_PRECONDITION: i32 = 9;
-    pub const PERMISSION_DENIED: i32 = 7;
-    pub const RESOURCE_EXHAUSTED: i32 = 8;
-    pub const NOT_FOUND: i32 = 5;
-    pub const ALREADY_EXISTS: i32 = 6;
-    pub const INTERNAL: i32 = 13;
-    pub const UNAVAILABLE: i32 = 14;
-    pub const DATA_LOSS: i32 = 15;
-}
-
-/// Data operations while no master key is loaded. The gateway maps the reason to its own
-/// UNAVAILABLE/`VAULT_SEALED`.
-const SEALED: VaultError = VaultError::new(
-    code::UNAVAILABLE,
-    "VAULT_SEALED",
-    "the vault is sealed; operators must unseal it",
-);
-
 /// The audit log's caller for what the vault does on its own (start, stop). Client identities
 /// are URIs, so this name cannot be confused with one.
 const SELF: &str = "vault";
-
-/// Card-data operations while the audit log cannot be written: fail closed.
-const AUDIT_UNAVAILABLE: VaultError = VaultError::new(
-    code::UNAVAILABLE,
-    "AUDIT_UNAVAILABLE",
-    "the vault cannot write its audit log; card-data operations are refused (see its log and status)",
-);
-
-impl From<&SealError> for VaultError {
-    fn from(err: &SealError) -> Self {
-        let code = match err {
-            SealError::Malformed
-            | SealError::WrongVault
-            | SealError::InvalidShare
-            | SealError::BadParameters => code::INVALID_ARGUMENT,
-            SealError::DuplicateShare | SealError::AlreadyInitialized => code::ALREADY_EXISTS,
-            SealError::NotInitialized | SealError::AlreadyUnsealed | SealError::SameCustodian => {
-                code::FAILED_PRECONDITION
-            }
-            _ => code::INTERNAL,
-        };
-        VaultError::new(code, err.reason(), err.message())
-    }
-}
-
-/// A whole request refused. The message is fixed text: never card data or key bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VaultError {
-    pub code: i32,
-    pub reason: &'static str,
-    pub message: &'static str,
-}
-
-impl fmt::Display for VaultError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.message, self.reason)
-    }
-}
-
-impl std::error::Error for VaultError {}
-
-impl VaultError {
-    pub const fn new(code: i32, reason: &'static str, message: &'static str) -> Self {
-        Self {
-            code,
-            reason,
-            message,
-        }
-    }
-}
 
 /// What the vault knows about itself, fixed at start.
 #[derive(Debug, Clone)]
@@ -170,7 +103,7 @@ pub struct Vault {
     sealed_start: Option<SealedStart>,
     cvcs: CvcStore,
     nonces: NonceSequence,
-    rng: SystemRandom,
+    rng: Random,
     facts: VaultFacts,
     limits: VaultLimits,
     audit: AuditLog,
@@ -193,33 +126,48 @@ fn item_error(code: i32, reason: &str, message: String, field: &str) -> ItemErro
     }
 }
 
-impl From<&DataError> for ItemError {
-    fn from(err: &DataError) -> Self {
-        item_error(code::INVALID_ARGUMENT, err.reason(), err.to_string(), err.field())
+/// An error of one item, as the `ItemError` of its response entry.
+trait ToItemError {
+    fn to_item_error(&self) -> ItemError;
+}
+
+impl ToItemError for DataError {
+    fn to_item_error(&self) -> ItemError {
+        item_error(
+            code::INVALID_ARGUMENT,
+            self.reason(),
+            self.to_string(),
+            self.field(),
+        )
     }
 }
 
-impl From<&CvcError> for ItemError {
-    fn from(err: &CvcError) -> Self {
-        item_error(code::RESOURCE_EXHAUSTED, "CVC_STORE_FULL", err.to_string(), "cvc")
+impl ToItemError for CvcError {
+    fn to_item_error(&self) -> ItemError {
+        item_error(
+            code::RESOURCE_EXHAUSTED,
+            "CVC_STORE_FULL",
+            self.to_string(),
+            "cvc",
+        )
     }
 }
 
-impl From<&KeyError> for ItemError {
-    fn from(err: &KeyError) -> Self {
-        item_error(code::FAILED_PRECONDITION, err.reason(), err.to_string(), "")
+impl ToItemError for KeyError {
+    fn to_item_error(&self) -> ItemError {
+        item_error(code::FAILED_PRECONDITION, self.reason(), self.to_string(), "")
     }
 }
 
-impl From<&RecordError> for ItemError {
-    fn from(err: &RecordError) -> Self {
-        item_error(code::DATA_LOSS, err.reason(), err.to_string(), "")
+impl ToItemError for RecordError {
+    fn to_item_error(&self) -> ItemError {
+        item_error(code::DATA_LOSS, self.reason(), self.to_string(), "")
     }
 }
 
-impl From<&TokenError> for ItemError {
-    fn from(err: &TokenError) -> Self {
-        item_error(code::INTERNAL, "TOKEN_GENERATION_FAILED", err.to_string(), "")
+impl ToItemError for TokenError {
+    fn to_item_error(&self) -> ItemError {
+        item_error(code::INTERNAL, "TOKEN_GENERATION_FAILED", self.to_string(), "")
     }
 }
 
@@ -265,13 +213,9 @@ fn audit_public_key_of(master: &MasterKey) -> Result<String, SealError> {
 }
 
 fn signer_for(master: &MasterKey) -> Result<Arc<AuditSigner>, VaultError> {
-    AuditSigner::from_master(master).map(Arc::new).map_err(|_| {
-        VaultError::new(
-            code::INTERNAL,
-            "AUDIT_KEY_FAILED",
-            "the audit signing key could not be derived",
-        )
-    })
+    AuditSigner::from_master(master)
+        .map(Arc::new)
+        .map_err(|_| VaultError::AuditKeyFailed)
 }
 
 impl Vault {
@@ -281,10 +225,8 @@ impl Vault {
         limits: VaultLimits,
         facts: VaultFacts,
     ) -> Result<Self, VaultError> {
-        let rng = SystemRandom::new();
-        let nonces = NonceSequence::new(&rng).map_err(|_| {
-            VaultError::new(code::INTERNAL, "RANDOM_FAILED", "the system random source failed")
-        })?;
+        let rng = Random::system();
+        let nonces = NonceSequence::new(&rng).map_err(|_| VaultError::RandomFailed)?;
         let (keys, sealed_start) = match source {
             KeySource::Loaded { master, previous } => {
                 audit.set_signer(Some(signer_for(&master)?));
@@ -350,19 +292,50 @@ impl Vault {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .ok_or(SEALED)
+            .ok_or(VaultError::Sealed)
     }
 
     /// The prologue of every card-data or key operation: unsealed, and the audit log writable.
     fn ready(&self) -> Result<Arc<Unsealed>, VaultError> {
         let keys = self.unsealed()?;
-        self.audit.check().map_err(|_| AUDIT_UNAVAILABLE)?;
+        self.audit.check().map_err(|_| VaultError::AuditUnavailable)?;
         Ok(keys)
     }
 
     /// Writes a call's audit records; on failure the call's result must not be handed out.
     fn commit(&self, batch: &AuditBatch) -> Result<(), VaultError> {
-        self.audit.append(batch).map_err(|_| AUDIT_UNAVAILABLE)
+        self.audit.append(batch).map_err(|_| VaultError::AuditUnavailable)
+    }
+
+    /// The prologue of every batch operation: a bounded batch, then [`Self::ready`].
+    fn ready_for_batch(&self, items: usize) -> Result<Arc<Unsealed>, VaultError> {
+        check_batch(items)?;
+        self.ready()
+    }
+
+    /// The one batch step of every batch operation: runs `work` on each item on its own,
+    /// records one audit line per item with `record`, turns each outcome into its response
+    /// entry with `entry`, and writes the call's audit lines. The results are handed out only
+    /// once the audit log holds them.
+    fn run_batch<Item, Done, Entry>(
+        &self,
+        caller: &str,
+        items: &[Item],
+        mut work: impl FnMut(&Item) -> Result<Done, ItemError>,
+        mut record: impl FnMut(&mut AuditBatch, &Item, &Result<Done, ItemError>),
+        entry: impl Fn(Result<Done, ItemError>) -> Entry,
+    ) -> Result<Vec<Entry>, VaultError> {
+        let mut batch = self.audit.batch(caller);
+        let results = items
+            .iter()
+            .map(|item| {
+                let outcome = work(item);
+                record(&mut batch, item, &outcome);
+                entry(outcome)
+            })
+            .collect();
+        self.commit(&batch)?;
+        Ok(results)
     }
 
     /// The first audit record of a run: how the vault started and how the last run left the log.
@@ -414,20 +387,12 @@ impl Vault {
     ) -> Result<CreateKeysResponse, VaultError> {
         let keys = self.ready()?;
         if request.merchant_id.is_empty() || request.merchant_id.len() > 64 {
-            return Err(VaultError::new(
-                code::INVALID_ARGUMENT,
-                "INVALID_MERCHANT_ID",
-                "merchant_id must be 1 to 64 bytes",
-            ));
+            return Err(VaultError::InvalidMerchantId);
         }
         // A fingerprint-key version of 0 asks for a data key alone (a data-key rotation keeps
         // the fingerprint key, so fingerprints stay comparable).
         if request.data_key_version == 0 {
-            return Err(VaultError::new(
-                code::INVALID_ARGUMENT,
-                "INVALID_KEY_VERSION",
-                "key versions start at 1",
-            ));
+            return Err(VaultError::InvalidKeyVersion);
         }
         let create = |purpose: KeyPurpose, proto: ProtoPurpose, version: u32| {
             let id = KeyId {
@@ -435,13 +400,10 @@ impl Vault {
                 purpose,
                 version,
             };
-            let blob = keys.master.create_key(&id, &self.rng).map_err(|_| {
-                VaultError::new(
-                    code::INTERNAL,
-                    "KEY_CREATION_FAILED",
-                    "the key could not be created",
-                )
-            })?;
+            let blob = keys
+                .master
+                .create_key(&id, &self.rng)
+                .map_err(|_| VaultError::KeyCreationFailed)?;
             Ok::<_, VaultError>(WrappedKey {
                 merchant_id: id.merchant_id,
                 purpose: proto as i32,
@@ -483,44 +445,40 @@ impl Vault {
 
     /// Validates, tokenizes, fingerprints and seals each item.
     pub fn protect(&self, caller: &str, request: &ProtectRequest) -> Result<ProtectResponse, VaultError> {
-        check_batch(request.items.len())?;
-        let keys = self.ready()?;
-        let mut batch = self.audit.batch(caller);
-        let mut random = TokenRandom::for_batch(&self.rng, request.items.len()).map_err(|_| {
-            VaultError::new(code::INTERNAL, "RANDOM_FAILED", "the system random source failed")
-        })?;
+        let keys = self.ready_for_batch(request.items.len())?;
+        let mut random =
+            TokenRandom::for_batch(&self.rng, request.items.len()).map_err(|_| VaultError::RandomFailed)?;
         let today = today_utc();
-        let results = request
-            .items
-            .iter()
-            .map(|item| {
-                let result = match self.protect_item(&keys, &request.keys, item, &mut random, today) {
-                    Ok(protected) => {
-                        let data = protected
-                            .facts
-                            .as_ref()
-                            .map_or("", |facts| facts.data_type.as_str());
-                        batch.record(
-                            "protect",
-                            "ok",
-                            &[
-                                ("merchant", &item.merchant_id),
-                                ("token", &protected.token),
-                                ("data", data),
-                                ("cvc", if protected.holds_cvc { "held" } else { "" }),
-                            ],
-                        );
-                        protect_result::Result::Protected(protected)
-                    }
-                    Err(error) => {
-                        batch.record("protect", &error.reason, &[("merchant", &item.merchant_id)]);
-                        protect_result::Result::Error(error)
-                    }
-                };
-                ProtectResult { result: Some(result) }
-            })
-            .collect();
-        self.commit(&batch)?;
+        let results = self.run_batch(
+            caller,
+            &request.items,
+            |item| self.protect_item(&keys, &request.keys, item, &mut random, today),
+            |batch, item, outcome| match outcome {
+                Ok(protected) => {
+                    let data = protected
+                        .facts
+                        .as_ref()
+                        .map_or("", |facts| facts.data_type.as_str());
+                    batch.record(
+                        "protect",
+                        "ok",
+                        &[
+                            ("merchant", &item.merchant_id),
+                            ("token", &protected.token),
+                            ("data", data),
+                            ("cvc", if protected.holds_cvc { "held" } else { "" }),
+                        ],
+                    );
+                }
+                Err(error) => batch.record("protect", &error.reason, &[("merchant", &item.merchant_id)]),
+            },
+            |outcome| ProtectResult {
+                result: Some(match outcome {
+                    Ok(protected) => protect_result::Result::Protected(protected),
+                    Err(error) => protect_result::Result::Error(error),
+                }),
+            },
+        )?;
         Ok(ProtectResponse { results })
     }
 
@@ -542,9 +500,9 @@ impl Vault {
             ));
         }
         let data = match &item.data {
-            Some(data) => Some(ValidData::from_proto(data, today).map_err(|err| ItemError::from(&err))?),
+            Some(data) => Some(ValidData::from_proto(data, today).map_err(|err| err.to_item_error())?),
             None if !cvc.is_empty() => None,
-            None => return Err(ItemError::from(&DataError::Missing)),
+            None => return Err(DataError::Missing.to_item_error()),
         };
         let format = TokenFormat::try_from(item.format).map_err(|_| {
             item_error(
@@ -566,7 +524,7 @@ impl Vault {
             }
             (TokenFormat::Opaque | TokenFormat::Unspecified, _) => random.next_opaque(),
         }
-        .map_err(|err| ItemError::from(&err))?;
+        .map_err(|err| err.to_item_error())?;
         let mut protected = match &data {
             Some(data) => self.seal_item(unsealed, keys, &item.merchant_id, &token, data)?,
             // A CVC-only token: nothing is sealed or stored, the CVC lives in memory only.
@@ -582,7 +540,7 @@ impl Vault {
         if !cvc.is_empty() {
             self.cvcs
                 .put(&item.merchant_id, &token, cvc, Instant::now())
-                .map_err(|err| ItemError::from(&err))?;
+                .map_err(|err| err.to_item_error())?;
             protected.holds_cvc = true;
         }
         Ok(protected)
@@ -606,21 +564,21 @@ impl Vault {
                 &key_id(wrapped_data, KeyPurpose::Data),
                 &wrapped_data.blob,
             )
-            .map_err(|err| ItemError::from(&err))?;
+            .map_err(|err| err.to_item_error())?;
         let fingerprint_key = self
             .fingerprint_key(
                 unsealed,
                 &key_id(wrapped_fingerprint, KeyPurpose::Fingerprint),
                 &wrapped_fingerprint.blob,
             )
-            .map_err(|err| ItemError::from(&err))?;
+            .map_err(|err| err.to_item_error())?;
         let aad = RecordAad {
             merchant_id,
             token,
             key_version: wrapped_data.version,
         };
-        let ciphertext = seal_data(&data_key, &self.nonces, &aad, &data.to_proto())
-            .map_err(|err| ItemError::from(&err))?;
+        let ciphertext =
+            seal_data(&data_key, &self.nonces, &aad, &data.to_proto()).map_err(|err| err.to_item_error())?;
         Ok(Protected {
             token: token.to_owned(),
             ciphertext,
@@ -634,16 +592,14 @@ impl Vault {
 
     /// Opens each record and returns its card data.
     pub fn reveal(&self, caller: &str, request: &RevealRequest) -> Result<RevealResponse, VaultError> {
-        check_batch(request.items.len())?;
-        let unsealed = self.ready()?;
+        let unsealed = self.ready_for_batch(request.items.len())?;
         let keys = index_keys(&request.keys);
-        let mut batch = self.audit.batch(caller);
-        let results = request
-            .items
-            .iter()
-            .map(|item| {
-                let outcome = self.reveal_item(&unsealed, &keys, item);
-                let (result, cvc) = match &outcome {
+        let results = self.run_batch(
+            caller,
+            &request.items,
+            |item| self.reveal_item(&unsealed, &keys, item),
+            |batch, item, outcome| {
+                let (result, cvc) = match outcome {
                     Ok(revealed) => ("ok", if revealed.cvc.is_empty() { "" } else { "revealed" }),
                     Err(error) => (error.reason.as_str(), ""),
                 };
@@ -664,14 +620,14 @@ impl Vault {
                         ("purpose", &item.purpose),
                     ],
                 );
-                let result = match outcome {
+            },
+            |outcome| RevealResult {
+                result: Some(match outcome {
                     Ok(revealed) => reveal_result::Result::Revealed(revealed),
                     Err(error) => reveal_result::Result::Error(error),
-                };
-                RevealResult { result: Some(result) }
-            })
-            .collect();
-        self.commit(&batch)?;
+                }),
+            },
+        )?;
         Ok(RevealResponse { results })
     }
 
@@ -701,7 +657,7 @@ impl Vault {
                 .ok_or_else(|| missing_key("data"))?;
             let data_key = self
                 .data_key(unsealed, &key_id(wrapped, KeyPurpose::Data), &wrapped.blob)
-                .map_err(|err| ItemError::from(&err))?;
+                .map_err(|err| err.to_item_error())?;
             let aad = RecordAad {
                 merchant_id: &item.merchant_id,
                 token: &item.token,
@@ -709,7 +665,7 @@ impl Vault {
             };
             Some(open_data(&data_key, &aad, &item.ciphertext).map_err(|err| {
                 tracing::warn!(merchant_id = %item.merchant_id, token = %item.token, "record failed its integrity check");
-                ItemError::from(&err)
+                err.to_item_error()
             })?)
         };
         // The CVC is taken only once the record opened: a failed reveal must not burn it.
@@ -748,16 +704,14 @@ impl Vault {
         caller: &str,
         request: &ReencryptRequest,
     ) -> Result<ReencryptResponse, VaultError> {
-        check_batch(request.items.len())?;
-        let unsealed = self.ready()?;
+        let unsealed = self.ready_for_batch(request.items.len())?;
         let keys = index_keys(&request.keys);
-        let mut batch = self.audit.batch(caller);
-        let results = request
-            .items
-            .iter()
-            .map(|item| {
-                let outcome = self.reencrypt_item(&unsealed, &keys, item);
-                let result = match &outcome {
+        let results = self.run_batch(
+            caller,
+            &request.items,
+            |item| self.reencrypt_item(&unsealed, &keys, item),
+            |batch, item, outcome| {
+                let result = match outcome {
                     Ok(_) => "ok",
                     Err(error) => error.reason.as_str(),
                 };
@@ -771,14 +725,14 @@ impl Vault {
                         ("to_version", &item.to_version.to_string()),
                     ],
                 );
-                let result = match outcome {
+            },
+            |outcome| ReencryptResult {
+                result: Some(match outcome {
                     Ok(reencrypted) => reencrypt_result::Result::Reencrypted(reencrypted),
                     Err(error) => reencrypt_result::Result::Error(error),
-                };
-                ReencryptResult { result: Some(result) }
-            })
-            .collect();
-        self.commit(&batch)?;
+                }),
+            },
+        )?;
         Ok(ReencryptResponse { results })
     }
 
@@ -804,10 +758,10 @@ impl Vault {
         let (old, new) = (wrapped(item.from_version)?, wrapped(item.to_version)?);
         let old_key = self
             .data_key(unsealed, &key_id(old, KeyPurpose::Data), &old.blob)
-            .map_err(|err| ItemError::from(&err))?;
+            .map_err(|err| err.to_item_error())?;
         let new_key = self
             .data_key(unsealed, &key_id(new, KeyPurpose::Data), &new.blob)
-            .map_err(|err| ItemError::from(&err))?;
+            .map_err(|err| err.to_item_error())?;
         let old_aad = RecordAad {
             merchant_id: &item.merchant_id,
             token: &item.token,
@@ -815,14 +769,14 @@ impl Vault {
         };
         let data = open_data(&old_key, &old_aad, &item.ciphertext).map_err(|err| {
             tracing::warn!(merchant_id = %item.merchant_id, token = %item.token, "record failed its integrity check during re-encryption");
-            ItemError::from(&err)
+            err.to_item_error()
         })?;
         let new_aad = RecordAad {
             key_version: item.to_version,
             ..old_aad
         };
         let ciphertext =
-            seal_data(&new_key, &self.nonces, &new_aad, &data).map_err(|err| ItemError::from(&err))?;
+            seal_data(&new_key, &self.nonces, &new_aad, &data).map_err(|err| err.to_item_error())?;
         Ok(Reencrypted {
             ciphertext,
             data_key_version: item.to_version,
@@ -836,16 +790,14 @@ impl Vault {
         caller: &str,
         request: &RewrapKeysRequest,
     ) -> Result<RewrapKeysResponse, VaultError> {
-        check_batch(request.keys.len())?;
-        let unsealed = self.ready()?;
+        let unsealed = self.ready_for_batch(request.keys.len())?;
         let current = unsealed.master.key_check_value();
-        let mut batch = self.audit.batch(caller);
-        let results = request
-            .keys
-            .iter()
-            .map(|wrapped| {
-                let outcome = self.rewrap_key(&unsealed, wrapped);
-                let (result, from) = match &outcome {
+        let results = self.run_batch(
+            caller,
+            &request.keys,
+            |wrapped| self.rewrap_key(&unsealed, wrapped),
+            |batch, wrapped, outcome| {
+                let (result, from) = match outcome {
                     Ok((_, from)) => ("ok", from.as_str()),
                     Err(error) => (error.reason.as_str(), ""),
                 };
@@ -865,14 +817,14 @@ impl Vault {
                         ("to_kcv", &current),
                     ],
                 );
-                let result = match outcome {
+            },
+            |outcome| RewrapResult {
+                result: Some(match outcome {
                     Ok((key, _)) => rewrap_result::Result::Key(key),
                     Err(error) => rewrap_result::Result::Error(error),
-                };
-                RewrapResult { result: Some(result) }
-            })
-            .collect();
-        self.commit(&batch)?;
+                }),
+            },
+        )?;
         Ok(RewrapKeysResponse {
             results,
             master_key_check_value: current,
@@ -916,7 +868,7 @@ impl Vault {
         let blob = unsealed
             .master
             .wrap(&id, &key, &self.rng)
-            .map_err(|err| ItemError::from(&err))?;
+            .map_err(|err| err.to_item_error())?;
         Ok((
             WrappedKey {
                 merchant_id: wrapped.merchant_id.clone(),
@@ -937,11 +889,7 @@ impl Vault {
     }
 
     fn sealed_start(&self) -> Result<&SealedStart, VaultError> {
-        self.sealed_start.as_ref().ok_or(VaultError::new(
-            code::FAILED_PRECONDITION,
-            "NOT_A_SEALED_VAULT",
-            "this vault does not use a sealed start ([master_key] source = \"sealed\")",
-        ))
+        self.sealed_start.as_ref().ok_or(VaultError::NotASealedVault)
     }
 
     /// Creates the master key of a sealed vault and returns its shares, once. The vault stays
@@ -949,7 +897,7 @@ impl Vault {
     /// encrypted under the key.
     pub fn init(&self, caller: &str, request: &InitRequest) -> Result<InitResponse, VaultError> {
         let sealed = self.sealed_start()?;
-        self.audit.check().map_err(|_| AUDIT_UNAVAILABLE)?;
+        self.audit.check().map_err(|_| VaultError::AuditUnavailable)?;
         let outcome = sealed.initialize(request.shares, request.threshold, &self.rng, audit_public_key_of);
         let mut batch = self.audit.batch(caller);
         let shares = request.shares.to_string();
@@ -997,7 +945,7 @@ impl Vault {
                     &[("shares", &shares), ("threshold", &threshold)],
                 );
                 let _ = self.commit(&batch);
-                Err(VaultError::from(&err))
+                Err(VaultError::Seal(err))
             }
         }
     }
@@ -1006,9 +954,9 @@ impl Vault {
     pub fn unseal(&self, caller: &str, request: &UnsealRequest) -> Result<UnsealResponse, VaultError> {
         let sealed = self.sealed_start()?;
         if self.unsealed().is_ok() {
-            return Err(VaultError::from(&SealError::AlreadyUnsealed));
+            return Err(VaultError::Seal(SealError::AlreadyUnsealed));
         }
-        self.audit.check().map_err(|_| AUDIT_UNAVAILABLE)?;
+        self.audit.check().map_err(|_| VaultError::AuditUnavailable)?;
         let mut batch = self.audit.batch(caller);
         let outcome = sealed.submit(caller, &request.share);
         let status = sealed.status();
@@ -1080,7 +1028,7 @@ impl Vault {
                     progress = status.progress,
                     "key share refused"
                 );
-                Err(VaultError::from(&err))
+                Err(VaultError::Seal(err))
             }
         }
     }
@@ -1153,7 +1101,7 @@ impl Vault {
                     ],
                 );
                 let _ = self.commit(&batch);
-                return Err(VaultError::from(&err));
+                return Err(VaultError::Seal(err));
             }
         };
         let signer = signer_for(&master)?;
@@ -1228,7 +1176,7 @@ impl Vault {
             Err(err) => {
                 batch.record("retire-master-keys", err.reason(), &[("kcv", &kcv)]);
                 let _ = self.commit(&batch);
-                Err(VaultError::from(&err))
+                Err(VaultError::Seal(err))
             }
         }
     }
@@ -1285,13 +1233,20 @@ impl Vault {
 
 fn check_batch(items: usize) -> Result<(), VaultError> {
     if items > MAX_BATCH_ITEMS {
-        return Err(VaultError::new(
-            code::INVALID_ARGUMENT,
-            "BATCH_TOO_LARGE",
-            "a request carries at most 10000 items",
-        ));
+        return Err(VaultError::BatchTooLarge);
     }
     Ok(())
+}
+
+/// The current UTC `(year, month)` for card expiry checks; the core takes it as an argument.
+fn today_utc() -> (u32, u32) {
+    // A clock set before 1970 is broken beyond what expiry checks can help with; treating it
+    // as 1970 accepts any unexpired-looking date rather than refusing every card.
+    let seconds = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0);
+    year_month_utc(seconds)
 }
 
 /// Shared handle used by the server.
