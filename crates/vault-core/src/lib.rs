@@ -18,6 +18,7 @@
 //! - [`error`]: the typed errors that refuse a whole request.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod audit_key;
 pub mod card;
 pub mod crypto;
@@ -28,3 +29,4 @@ pub mod payload;
 pub mod record;
 pub mod shares;
 pub mod token;
+pub mod vault;

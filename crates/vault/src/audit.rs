@@ -28,56 +28,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tessera_api::audit_format::{hex, line_hash, push_hex, push_value, rfc3339_millis, seal_message, Entry};
+pub use tessera_vault_core::audit::{AuditBatch, AuditSink, AuditUnavailable};
 pub use tessera_vault_core::audit_key::AuditSigner;
 
 use crate::config::AuditConfig;
 
 /// How far from the end `open` looks for the last line.
 const TAIL_WINDOW: u64 = 64 * 1024;
-
-/// The lines of one call, built before the log's lock is taken.
-#[derive(Debug)]
-pub struct AuditBatch {
-    enabled: bool,
-    prefix: String,
-    text: String,
-    ends: Vec<usize>,
-}
-
-impl AuditBatch {
-    /// Adds one record. `fields` with an empty value are left out. Values must never be card
-    /// data, CVCs, keys or shares; they are percent-encoded here.
-    pub fn record(&mut self, event: &str, result: &str, fields: &[(&str, &str)]) {
-        if !self.enabled {
-            return;
-        }
-        self.text.push_str(&self.prefix);
-        self.text.push_str(" event=");
-        push_value(&mut self.text, event);
-        self.text.push_str(" result=");
-        push_value(&mut self.text, result);
-        for (key, value) in fields.iter().filter(|(_, value)| !value.is_empty()) {
-            self.text.push(' ');
-            self.text.push_str(key);
-            self.text.push('=');
-            push_value(&mut self.text, value);
-        }
-        self.ends.push(self.text.len());
-    }
-
-    /// Records added so far.
-    pub fn len(&self) -> usize {
-        self.ends.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-}
-
-/// The log is unavailable; the reason is in the vault's log and in Status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AuditUnavailable;
 
 /// What Status reports about the log.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -208,18 +165,13 @@ impl AuditLog {
             prefix.push_str(" caller=");
             push_value(&mut prefix, caller);
         }
-        AuditBatch {
-            enabled,
-            prefix,
-            text: String::new(),
-            ends: Vec::new(),
-        }
+        AuditBatch::new(enabled, prefix)
     }
 
     /// Chains and writes a call's records in one write. An error means the records are not
     /// in the log: the caller must not hand out the operation's result.
     pub fn append(&self, batch: &AuditBatch) -> Result<(), AuditUnavailable> {
-        if !batch.enabled || batch.ends.is_empty() {
+        if !batch.is_enabled() || batch.is_empty() {
             return self.check();
         }
         let mut state = self.lock();
@@ -229,12 +181,9 @@ impl AuditLog {
                 _ => Err(AuditUnavailable),
             };
         };
-        let mut out = String::with_capacity(batch.text.len() + batch.ends.len() * 90 + 256);
-        let mut start = 0;
-        for &end in &batch.ends {
-            let body = batch.text.get(start..end).unwrap_or_default();
+        let mut out = String::with_capacity(batch.text_len() + batch.len() * 90 + 256);
+        for body in batch.lines() {
             writer.push_line(&mut out, body);
-            start = end;
         }
         if writer.unsigned >= self.block_lines {
             writer.push_seal(&mut out, false);
@@ -391,6 +340,21 @@ impl Writer {
         out.push('\n');
         self.next_seq += 1;
         self.unsigned = 0;
+    }
+}
+
+/// The core's audit records go to this file.
+impl AuditSink for AuditLog {
+    fn check(&self) -> Result<(), AuditUnavailable> {
+        AuditLog::check(self)
+    }
+
+    fn batch(&self, caller: &str) -> AuditBatch {
+        AuditLog::batch(self, caller)
+    }
+
+    fn append(&self, batch: &AuditBatch) -> Result<(), AuditUnavailable> {
+        AuditLog::append(self, batch)
     }
 }
 

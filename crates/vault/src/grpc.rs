@@ -34,7 +34,7 @@ use tessera_vault_core::error::VaultError;
 use tessera_vault_core::shares::SealError;
 
 use crate::config::Role;
-use crate::service::Vault;
+use crate::service::VaultService;
 
 /// Largest request message: a full batch of card items fits well within it.
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -160,7 +160,7 @@ struct Caller {
 /// Serves the vault on `listener` until `shutdown` completes, then lets in-flight calls
 /// finish (bounded) and returns.
 pub async fn serve(
-    vault: Arc<Vault>,
+    vault: Arc<VaultService>,
     roles: HashMap<String, Role>,
     tls: Arc<rustls::ServerConfig>,
     listener: TcpListener,
@@ -201,7 +201,7 @@ pub async fn serve(
 
 async fn connection(
     acceptor: TlsAcceptor,
-    vault: Arc<Vault>,
+    vault: Arc<VaultService>,
     roles: Arc<HashMap<String, Role>>,
     tcp: TcpStream,
     peer: SocketAddr,
@@ -275,7 +275,7 @@ async fn connection(
 }
 
 async fn call(
-    vault: Arc<Vault>,
+    vault: Arc<VaultService>,
     caller: Caller,
     request: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
@@ -379,7 +379,7 @@ async fn read_message(mut body: RecvStream) -> Result<Zeroizing<Vec<u8>>, Refusa
 
 /// Decodes the request, runs the operation and encodes the reply into a zeroizing frame.
 fn dispatch(
-    vault: &Vault,
+    vault: &VaultService,
     caller: &str,
     method: Method,
     message: &[u8],
@@ -542,6 +542,72 @@ mod tests {
         for (input, expected) in cases {
             assert_eq!(base64_no_pad(input), expected);
         }
+    }
+
+    /// The codes and reasons the gateway and the CLI have always received for each refusal
+    /// (before the typed error, they were written next to each reason in service.rs).
+    #[test]
+    fn vault_errors_keep_their_wire_codes() {
+        let cases = [
+            (VaultError::Sealed, 14, "VAULT_SEALED"),
+            (VaultError::AuditUnavailable, 14, "AUDIT_UNAVAILABLE"),
+            (VaultError::AuditKeyFailed, 13, "AUDIT_KEY_FAILED"),
+            (VaultError::RandomFailed, 13, "RANDOM_FAILED"),
+            (VaultError::InvalidMerchantId, 3, "INVALID_MERCHANT_ID"),
+            (VaultError::InvalidKeyVersion, 3, "INVALID_KEY_VERSION"),
+            (VaultError::KeyCreationFailed, 13, "KEY_CREATION_FAILED"),
+            (VaultError::BatchTooLarge, 3, "BATCH_TOO_LARGE"),
+            (VaultError::NotASealedVault, 9, "NOT_A_SEALED_VAULT"),
+            (VaultError::Seal(SealError::NotInitialized), 9, "NOT_INITIALIZED"),
+            (
+                VaultError::Seal(SealError::AlreadyInitialized),
+                6,
+                "ALREADY_INITIALIZED",
+            ),
+            (
+                VaultError::Seal(SealError::AlreadyUnsealed),
+                9,
+                "ALREADY_UNSEALED",
+            ),
+            (
+                VaultError::Seal(SealError::BadParameters),
+                3,
+                "INVALID_SHARE_PARAMETERS",
+            ),
+            (VaultError::Seal(SealError::Malformed), 3, "MALFORMED_SHARE"),
+            (VaultError::Seal(SealError::WrongVault), 3, "WRONG_VAULT_SHARE"),
+            (VaultError::Seal(SealError::InvalidShare), 3, "INVALID_SHARE"),
+            (VaultError::Seal(SealError::DuplicateShare), 6, "DUPLICATE_SHARE"),
+            (VaultError::Seal(SealError::SameCustodian), 9, "SAME_CUSTODIAN"),
+            (
+                VaultError::Seal(SealError::Inconsistent),
+                13,
+                "SEAL_STATE_INCONSISTENT",
+            ),
+            (
+                VaultError::Seal(SealError::State("disk".into())),
+                13,
+                "SEAL_STATE_UNAVAILABLE",
+            ),
+            (VaultError::Seal(SealError::Random), 13, "RANDOM_FAILED"),
+            (
+                VaultError::Seal(SealError::NotCurrentKey),
+                13,
+                "NOT_CURRENT_MASTER_KEY",
+            ),
+        ];
+        for (err, code, reason) in cases {
+            let message = err.message();
+            let refusal = Refusal::from(err);
+            assert_eq!((refusal.code, refusal.reason), (code, reason));
+            assert_eq!(refusal.message, message);
+        }
+        // The state file's detail stays in the vault's log: the caller gets the fixed text.
+        assert!(
+            !Refusal::from(VaultError::Seal(SealError::State("/etc/x".into())))
+                .message
+                .contains("/etc/x")
+        );
     }
 
     #[test]
