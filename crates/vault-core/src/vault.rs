@@ -96,6 +96,27 @@ impl Unsealed {
     pub fn cached_keys(&self) -> usize {
         self.cache.len()
     }
+
+    /// A merchant key from the cache or unwrapped (by `get`) with the current master key or,
+    /// during a KEK rotation, a previous one.
+    fn any_master<K>(&self, get: impl Fn(&MasterKey) -> Result<K, KeyError>) -> Result<K, KeyError> {
+        match get(&self.master) {
+            Err(err) if !self.previous.is_empty() => self
+                .previous
+                .iter()
+                .find_map(|master| get(master).ok())
+                .ok_or(err),
+            other => other,
+        }
+    }
+
+    fn data_key(&self, id: &KeyId, blob: &[u8]) -> Result<Arc<DataKey>, KeyError> {
+        self.any_master(|master| self.cache.data_key(master, id, blob))
+    }
+
+    fn fingerprint_key(&self, id: &KeyId, blob: &[u8]) -> Result<Arc<FingerprintKey>, KeyError> {
+        self.any_master(|master| self.cache.fingerprint_key(master, id, blob))
+    }
 }
 
 /// The vault's data side: master key and key cache (while unsealed), CVC store, nonce sequence,
@@ -261,34 +282,6 @@ impl Vault {
         self.cvcs.len()
     }
 
-    fn data_key(&self, unsealed: &Unsealed, id: &KeyId, blob: &[u8]) -> Result<Arc<DataKey>, KeyError> {
-        match unsealed.cache.data_key(&unsealed.master, id, blob) {
-            Err(err) if !unsealed.previous.is_empty() => unsealed
-                .previous
-                .iter()
-                .find_map(|master| unsealed.cache.data_key(master, id, blob).ok())
-                .ok_or(err),
-            other => other,
-        }
-    }
-
-    /// A fingerprint key, like [`Self::data_key`].
-    fn fingerprint_key(
-        &self,
-        unsealed: &Unsealed,
-        id: &KeyId,
-        blob: &[u8],
-    ) -> Result<Arc<FingerprintKey>, KeyError> {
-        match unsealed.cache.fingerprint_key(&unsealed.master, id, blob) {
-            Err(err) if !unsealed.previous.is_empty() => unsealed
-                .previous
-                .iter()
-                .find_map(|master| unsealed.cache.fingerprint_key(master, id, blob).ok())
-                .ok_or(err),
-            other => other,
-        }
-    }
-
     /// Makes `master` (with `previous` for unwrapping only) the vault's keys, with an empty key
     /// cache. Calls in flight finish with the keys they started with.
     pub fn install(&self, master: Arc<MasterKey>, previous: Vec<Arc<MasterKey>>) {
@@ -443,10 +436,9 @@ impl Vault {
                 Err(error) => batch.record("protect", &error.reason, &[("merchant", &item.merchant_id)]),
             },
             |outcome| ProtectResult {
-                result: Some(match outcome {
-                    Ok(protected) => protect_result::Result::Protected(protected),
-                    Err(error) => protect_result::Result::Error(error),
-                }),
+                result: Some(
+                    outcome.map_or_else(protect_result::Result::Error, protect_result::Result::Protected),
+                ),
             },
         )?;
         Ok(ProtectResponse { results })
@@ -528,16 +520,11 @@ impl Vault {
             newest_key(keys, merchant_id, ProtoPurpose::Data).ok_or_else(|| missing_key("data"))?;
         let wrapped_fingerprint = newest_key(keys, merchant_id, ProtoPurpose::Fingerprint)
             .ok_or_else(|| missing_key("fingerprint"))?;
-        let data_key = self
-            .data_key(
-                unsealed,
-                &key_id(wrapped_data, KeyPurpose::Data),
-                &wrapped_data.blob,
-            )
+        let data_key = unsealed
+            .data_key(&key_id(wrapped_data, KeyPurpose::Data), &wrapped_data.blob)
             .map_err(|err| err.to_item_error())?;
-        let fingerprint_key = self
+        let fingerprint_key = unsealed
             .fingerprint_key(
-                unsealed,
                 &key_id(wrapped_fingerprint, KeyPurpose::Fingerprint),
                 &wrapped_fingerprint.blob,
             )
@@ -592,10 +579,9 @@ impl Vault {
                 );
             },
             |outcome| RevealResult {
-                result: Some(match outcome {
-                    Ok(revealed) => reveal_result::Result::Revealed(revealed),
-                    Err(error) => reveal_result::Result::Error(error),
-                }),
+                result: Some(
+                    outcome.map_or_else(reveal_result::Result::Error, reveal_result::Result::Revealed),
+                ),
             },
         )?;
         Ok(RevealResponse { results })
@@ -625,8 +611,8 @@ impl Vault {
                     item.data_key_version,
                 ))
                 .ok_or_else(|| missing_key("data"))?;
-            let data_key = self
-                .data_key(unsealed, &key_id(wrapped, KeyPurpose::Data), &wrapped.blob)
+            let data_key = unsealed
+                .data_key(&key_id(wrapped, KeyPurpose::Data), &wrapped.blob)
                 .map_err(|err| err.to_item_error())?;
             let aad = RecordAad {
                 merchant_id: &item.merchant_id,
@@ -697,10 +683,10 @@ impl Vault {
                 );
             },
             |outcome| ReencryptResult {
-                result: Some(match outcome {
-                    Ok(reencrypted) => reencrypt_result::Result::Reencrypted(reencrypted),
-                    Err(error) => reencrypt_result::Result::Error(error),
-                }),
+                result: Some(outcome.map_or_else(
+                    reencrypt_result::Result::Error,
+                    reencrypt_result::Result::Reencrypted,
+                )),
             },
         )?;
         Ok(ReencryptResponse { results })
@@ -726,11 +712,11 @@ impl Vault {
                 .ok_or_else(|| missing_key("data"))
         };
         let (old, new) = (wrapped(item.from_version)?, wrapped(item.to_version)?);
-        let old_key = self
-            .data_key(unsealed, &key_id(old, KeyPurpose::Data), &old.blob)
+        let old_key = unsealed
+            .data_key(&key_id(old, KeyPurpose::Data), &old.blob)
             .map_err(|err| err.to_item_error())?;
-        let new_key = self
-            .data_key(unsealed, &key_id(new, KeyPurpose::Data), &new.blob)
+        let new_key = unsealed
+            .data_key(&key_id(new, KeyPurpose::Data), &new.blob)
             .map_err(|err| err.to_item_error())?;
         let old_aad = RecordAad {
             merchant_id: &item.merchant_id,
@@ -789,10 +775,9 @@ impl Vault {
                 );
             },
             |outcome| RewrapResult {
-                result: Some(match outcome {
-                    Ok((key, _)) => rewrap_result::Result::Key(key),
-                    Err(error) => rewrap_result::Result::Error(error),
-                }),
+                result: Some(outcome.map_or_else(rewrap_result::Result::Error, |(key, _)| {
+                    rewrap_result::Result::Key(key)
+                })),
             },
         )?;
         Ok(RewrapKeysResponse {
