@@ -16,6 +16,9 @@
 //! - [`shares`]: the master key split into Shamir shares and rebuilt from them.
 //! - [`audit_key`]: the audit signing key derived from the master key.
 //! - [`error`]: the typed errors that refuse a whole request.
+//! - [`audit`]: a call's audit records and the [`audit::AuditSink`] the process writes them to.
+//! - [`vault`]: the [`vault::Vault`] facade of the data operations over batches, with one
+//!   batch-and-audit step.
 #![forbid(unsafe_code)]
 
 pub mod audit;

@@ -8,8 +8,10 @@
 //!   operation.
 //! - [`hardening`]: no core dumps, no ptrace, locked memory.
 //! - [`config`], [`tls`]: the configuration file and the mutual-TLS listener setup.
-//! - [`service`]: the vault operations over batches, with caller authorisation.
-//! - [`grpc`]: a small gRPC-over-HTTP/2 server on mutual TLS that dispatches to [`service`].
+//! - [`service`]: sealed start (init, unseal, seal, rekey, retire), status and the start and
+//!   stop records; data calls go to the core's `Vault`.
+//! - [`grpc`]: a small gRPC-over-HTTP/2 server on mutual TLS that dispatches to [`service`] and
+//!   maps every error to its gRPC status code in one place.
 #![forbid(unsafe_code)]
 
 pub mod audit;
