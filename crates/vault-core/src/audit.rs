@@ -2,10 +2,12 @@
 //! sink (the vault process's hash-chained, signed log file, `crates/vault/src/audit.rs`) writes
 //! them before the call's result is handed out.
 
+use std::fmt;
+
 use tessera_api::audit_format::push_value;
 
 /// Where a call's audit records go. Implemented by the vault process's log file.
-pub trait AuditSink: Send + Sync {
+pub trait AuditSink: Send + Sync + fmt::Debug {
     /// Whether card-data operations may proceed (cheap; checked before any work is done).
     fn check(&self) -> Result<(), AuditUnavailable>;
     /// Starts the records of one call made by `caller`.

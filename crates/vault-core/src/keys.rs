@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use tessera_api::audit_format::hex;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::card::Pan;
@@ -227,7 +228,8 @@ impl MasterKey {
     /// and against the value recorded at key ceremony; it reveals nothing usable about the key.
     pub fn key_check_value(&self) -> String {
         let mac = HmacKey::new(self.key.expose()).sign(CHECK_VALUE_LABEL);
-        hex(mac.iter().take(8))
+        // The first 8 of the 32 tag bytes.
+        hex(mac.split_at(8).0)
     }
 }
 
@@ -265,17 +267,6 @@ fn wrap_aad(id: &KeyId) -> Vec<u8> {
 
 fn aes_gcm_key(key: &SecretKey) -> Result<AesGcmKey, KeyError> {
     AesGcmKey::new(key.expose()).map_err(|_| KeyError::Crypto)
-}
-
-fn hex<'a>(bytes: impl Iterator<Item = &'a u8>) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::new();
-    for byte in bytes {
-        for nibble in [byte >> 4, byte & 0x0f] {
-            out.extend(DIGITS.get(usize::from(nibble)).map(|&digit| char::from(digit)));
-        }
-    }
-    out
 }
 
 /// A merchant's AES-256-GCM key for token records (see `record.rs` for sealing).

@@ -39,7 +39,7 @@ const MAX_PURPOSE_BYTES: usize = 128;
 
 /// Where the core gets the time: CVC lifetimes and card expiry. The vault process passes the
 /// system clock.
-pub trait Clock: Send + Sync {
+pub trait Clock: Send + Sync + fmt::Debug {
     /// A monotonic instant, for CVC lifetimes.
     fn now(&self) -> Instant;
     /// Seconds since 1970-01-01 UTC, for card expiry.
@@ -57,7 +57,9 @@ pub struct VaultLimits {
     pub cvc_capacity: usize,
 }
 
-/// The keys of an unsealed vault: dropped (and wiped) as one on Seal.
+/// The keys of an unsealed vault: dropped (and wiped) as one on Seal. Its `Debug` shows the
+/// keys' redacted forms only.
+#[derive(Debug)]
 pub struct Unsealed {
     /// Wraps and unwraps merchant keys.
     master: Arc<MasterKey>,
@@ -67,21 +69,7 @@ pub struct Unsealed {
     cache: KeyCache,
 }
 
-impl fmt::Debug for Unsealed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Unsealed").finish_non_exhaustive()
-    }
-}
-
 impl Unsealed {
-    fn new(master: Arc<MasterKey>, previous: Vec<Arc<MasterKey>>, capacity: usize) -> Arc<Self> {
-        Arc::new(Unsealed {
-            master,
-            previous,
-            cache: KeyCache::new(capacity),
-        })
-    }
-
     /// The current master key: it wraps new keys and signs with the audit key derived from it.
     pub fn master(&self) -> &Arc<MasterKey> {
         &self.master
@@ -120,7 +108,9 @@ impl Unsealed {
 }
 
 /// The vault's data side: master key and key cache (while unsealed), CVC store, nonce sequence,
-/// random source; the audit log and the clock come in from the process.
+/// random source; the audit log and the clock come in from the process. Its `Debug` shows the
+/// keys, CVCs and random source redacted.
+#[derive(Debug)]
 pub struct Vault {
     keys: RwLock<Option<Arc<Unsealed>>>,
     cvcs: CvcStore,
@@ -131,21 +121,18 @@ pub struct Vault {
     clock: Arc<dyn Clock>,
 }
 
-impl fmt::Debug for Vault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Vault")
-            .field("limits", &self.limits)
-            .finish_non_exhaustive()
-    }
-}
-
-fn item_error(code: i32, reason: &str, message: String, field: &str) -> ItemError {
+fn item_error(code: i32, reason: &str, message: impl ToString, field: &str) -> ItemError {
     ItemError {
         code,
         reason: reason.to_owned(),
-        message,
+        message: message.to_string(),
         field: field.to_owned(),
     }
+}
+
+/// An item refused as bad input (INVALID_ARGUMENT) for `reason`, naming its `field`.
+fn invalid(field: &str, reason: &str, message: impl ToString) -> ItemError {
+    item_error(code::INVALID_ARGUMENT, reason, message, field)
 }
 
 /// An error of one item, as the `ItemError` of its response entry.
@@ -155,41 +142,31 @@ trait ToItemError {
 
 impl ToItemError for DataError {
     fn to_item_error(&self) -> ItemError {
-        item_error(
-            code::INVALID_ARGUMENT,
-            self.reason(),
-            self.to_string(),
-            self.field(),
-        )
+        invalid(self.field(), self.reason(), self)
     }
 }
 
 impl ToItemError for CvcError {
     fn to_item_error(&self) -> ItemError {
-        item_error(
-            code::RESOURCE_EXHAUSTED,
-            "CVC_STORE_FULL",
-            self.to_string(),
-            "cvc",
-        )
+        item_error(code::RESOURCE_EXHAUSTED, "CVC_STORE_FULL", self, "cvc")
     }
 }
 
 impl ToItemError for KeyError {
     fn to_item_error(&self) -> ItemError {
-        item_error(code::FAILED_PRECONDITION, self.reason(), self.to_string(), "")
+        item_error(code::FAILED_PRECONDITION, self.reason(), self, "")
     }
 }
 
 impl ToItemError for RecordError {
     fn to_item_error(&self) -> ItemError {
-        item_error(code::DATA_LOSS, self.reason(), self.to_string(), "")
+        item_error(code::DATA_LOSS, self.reason(), self, "")
     }
 }
 
 impl ToItemError for TokenError {
     fn to_item_error(&self) -> ItemError {
-        item_error(code::INTERNAL, "TOKEN_GENERATION_FAILED", self.to_string(), "")
+        item_error(code::INTERNAL, "TOKEN_GENERATION_FAILED", self, "")
     }
 }
 
@@ -285,8 +262,11 @@ impl Vault {
     /// Makes `master` (with `previous` for unwrapping only) the vault's keys, with an empty key
     /// cache. Calls in flight finish with the keys they started with.
     pub fn install(&self, master: Arc<MasterKey>, previous: Vec<Arc<MasterKey>>) {
-        *self.keys.write().unwrap_or_else(PoisonError::into_inner) =
-            Some(Unsealed::new(master, previous, self.limits.key_cache_capacity));
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(Unsealed {
+            master,
+            previous,
+            cache: KeyCache::new(self.limits.key_cache_capacity),
+        }));
     }
 
     /// The loaded keys, or `VAULT_SEALED`.
@@ -313,7 +293,9 @@ impl Vault {
 
     /// The prologue of every batch operation: a bounded batch, then [`Self::ready`].
     fn ready_for_batch(&self, items: usize) -> Result<Arc<Unsealed>, VaultError> {
-        check_batch(items)?;
+        if items > MAX_BATCH_ITEMS {
+            return Err(VaultError::BatchTooLarge);
+        }
         self.ready()
     }
 
@@ -454,34 +436,22 @@ impl Vault {
     ) -> Result<Protected, ItemError> {
         let cvc = Zeroizing::new(item.cvc.clone());
         if !cvc.is_empty() && !cvc_valid(&cvc) {
-            return Err(item_error(
-                code::INVALID_ARGUMENT,
-                "INVALID_CVC",
-                "cvc must be 3 or 4 digits".into(),
-                "cvc",
-            ));
+            return Err(invalid("cvc", "INVALID_CVC", "cvc must be 3 or 4 digits"));
         }
         let data = match &item.data {
             Some(data) => Some(ValidData::from_proto(data, today).map_err(|err| err.to_item_error())?),
             None if !cvc.is_empty() => None,
             None => return Err(DataError::Missing.to_item_error()),
         };
-        let format = TokenFormat::try_from(item.format).map_err(|_| {
-            item_error(
-                code::INVALID_ARGUMENT,
-                "INVALID_FORMAT",
-                "unknown token format".into(),
-                "format",
-            )
-        })?;
+        let format = TokenFormat::try_from(item.format)
+            .map_err(|_| invalid("format", "INVALID_FORMAT", "unknown token format"))?;
         let token = match (format, data.as_ref().and_then(ValidData::card)) {
             (TokenFormat::FormatPreserving, Some(card)) => random.next_format_preserving(&card.pan),
             (TokenFormat::FormatPreserving, None) => {
-                return Err(item_error(
-                    code::INVALID_ARGUMENT,
-                    "INVALID_FORMAT",
-                    "format-preserving tokens are only for cards".into(),
+                return Err(invalid(
                     "format",
+                    "INVALID_FORMAT",
+                    "format-preserving tokens are only for cards",
                 ))
             }
             (TokenFormat::Opaque | TokenFormat::Unspecified, _) => random.next_opaque(),
@@ -594,11 +564,10 @@ impl Vault {
         item: &RevealItem,
     ) -> Result<Revealed, ItemError> {
         if item.purpose.len() > MAX_PURPOSE_BYTES {
-            return Err(item_error(
-                code::INVALID_ARGUMENT,
+            return Err(invalid(
+                "purpose",
                 "INVALID_PURPOSE",
                 format!("purpose is at most {MAX_PURPOSE_BYTES} bytes"),
-                "purpose",
             ));
         }
         let data = if item.ciphertext.is_empty() {
@@ -634,18 +603,13 @@ impl Vault {
                     item_error(
                         code::NOT_FOUND,
                         "CVC_UNAVAILABLE",
-                        "no CVC is held for that token: it was used, expired, or never given".into(),
+                        "no CVC is held for that token: it was used, expired, or never given",
                         "cvc_token",
                     )
                 })?
         };
         if data.is_none() && cvc.is_empty() {
-            return Err(item_error(
-                code::INVALID_ARGUMENT,
-                "MISSING_FIELD",
-                "nothing to reveal".into(),
-                "ciphertext",
-            ));
+            return Err(invalid("ciphertext", "MISSING_FIELD", "nothing to reveal"));
         }
         Ok(Revealed {
             data,
@@ -699,11 +663,10 @@ impl Vault {
         item: &ReencryptItem,
     ) -> Result<Reencrypted, ItemError> {
         if item.to_version <= item.from_version {
-            return Err(item_error(
-                code::INVALID_ARGUMENT,
-                "INVALID_KEY_VERSION",
-                "a record is re-encrypted only to a newer key version".into(),
+            return Err(invalid(
                 "to_version",
+                "INVALID_KEY_VERSION",
+                "a record is re-encrypted only to a newer key version",
             ));
         }
         let wrapped = |version: u32| {
@@ -795,11 +758,10 @@ impl Vault {
             Ok(ProtoPurpose::Data) => KeyPurpose::Data,
             Ok(ProtoPurpose::Fingerprint) => KeyPurpose::Fingerprint,
             _ => {
-                return Err(item_error(
-                    code::INVALID_ARGUMENT,
-                    "INVALID_KEY_PURPOSE",
-                    "the key's purpose must be data or fingerprint".into(),
+                return Err(invalid(
                     "purpose",
+                    "INVALID_KEY_PURPOSE",
+                    "the key's purpose must be data or fingerprint",
                 ))
             }
         };
@@ -816,7 +778,7 @@ impl Vault {
                 item_error(
                     code::FAILED_PRECONDITION,
                     "KEY_UNWRAP_FAILED",
-                    "no master key this vault holds unwraps this key".into(),
+                    "no master key this vault holds unwraps this key",
                     "",
                 )
             })?;
@@ -842,11 +804,4 @@ impl Vault {
             payload: request.payload.clone(),
         })
     }
-}
-
-fn check_batch(items: usize) -> Result<(), VaultError> {
-    if items > MAX_BATCH_ITEMS {
-        return Err(VaultError::BatchTooLarge);
-    }
-    Ok(())
 }
