@@ -805,3 +805,169 @@ impl Vault {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )]
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    use tessera_api::vault::{secret_data, Card, SecretData};
+
+    use super::*;
+    use crate::audit::AuditUnavailable;
+    use crate::keys::SecretKey;
+
+    /// An audit sink that keeps the lines in memory and can be made to fail, like the log file
+    /// after a write error.
+    #[derive(Debug, Default)]
+    struct MemorySink {
+        lines: Mutex<Vec<String>>,
+        broken: AtomicBool,
+    }
+
+    impl AuditSink for MemorySink {
+        fn check(&self) -> Result<(), AuditUnavailable> {
+            if self.broken.load(Ordering::SeqCst) {
+                Err(AuditUnavailable)
+            } else {
+                Ok(())
+            }
+        }
+
+        fn batch(&self, caller: &str) -> AuditBatch {
+            AuditBatch::new(true, format!("record caller={caller}"))
+        }
+
+        fn append(&self, batch: &AuditBatch) -> Result<(), AuditUnavailable> {
+            self.check()?;
+            let mut lines = self.lines.lock().unwrap();
+            lines.extend(batch.lines().map(str::to_owned));
+            Ok(())
+        }
+    }
+
+    /// 2025-06-15, fixed.
+    #[derive(Debug)]
+    struct FixedClock(Instant);
+
+    impl Clock for FixedClock {
+        fn now(&self) -> Instant {
+            self.0
+        }
+
+        fn unix_seconds(&self) -> u64 {
+            1_749_945_600
+        }
+    }
+
+    const PAN: &str = "4111111111111111";
+
+    fn item(number: &str, cvc: &str) -> ProtectItem {
+        ProtectItem {
+            merchant_id: "m1".into(),
+            data: Some(SecretData {
+                data: Some(secret_data::Data::Card(Card {
+                    number: number.into(),
+                    expiry_month: 12,
+                    expiry_year: 2027,
+                    holder_name: "Ada Lovelace".into(),
+                })),
+            }),
+            format: TokenFormat::Opaque as i32,
+            cvc: cvc.into(),
+        }
+    }
+
+    #[test]
+    fn a_batch_is_audited_item_by_item_and_refused_while_the_log_is_down() {
+        let sink = Arc::new(MemorySink::default());
+        let limits = VaultLimits {
+            key_cache_capacity: 8,
+            cvc_ttl: Duration::from_secs(60),
+            cvc_capacity: 8,
+        };
+        let vault = Vault::new(sink.clone(), Arc::new(FixedClock(Instant::now())), limits).unwrap();
+        let request = CreateKeysRequest {
+            merchant_id: "m1".into(),
+            data_key_version: 1,
+            fingerprint_key_version: 1,
+        };
+        assert_eq!(vault.create_keys("gw", &request).unwrap_err(), VaultError::Sealed);
+
+        let master = MasterKey::new(SecretKey::generate(vault.rng()).unwrap());
+        vault.install(Arc::new(master), Vec::new());
+        let created = vault.create_keys("gw", &request).unwrap();
+        let keys: Vec<WrappedKey> = [created.data_key, created.fingerprint_key]
+            .into_iter()
+            .flatten()
+            .collect();
+        let protect = ProtectRequest {
+            keys: keys.clone(),
+            items: vec![item(PAN, "123"), item("4111111111111112", "")],
+        };
+        let response = vault.protect("gw", &protect).unwrap();
+        let [ok, refused] = &response.results[..] else {
+            panic!("two results: {response:?}")
+        };
+        let Some(protect_result::Result::Protected(protected)) = &ok.result else {
+            panic!("{ok:?}")
+        };
+        let Some(protect_result::Result::Error(error)) = &refused.result else {
+            panic!("{refused:?}")
+        };
+        assert_eq!(
+            (error.code, error.field.as_str()),
+            (code::INVALID_ARGUMENT, "card.number")
+        );
+        assert_eq!(vault.held_cvcs(), 1);
+
+        // One line per key creation and per item, each with its outcome; no card data.
+        let lines = sink.lines.lock().unwrap().clone();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines[0].contains("event=create-keys result=ok merchant=m1"));
+        assert!(lines[1].contains(&format!(
+            "event=protect result=ok merchant=m1 token={}",
+            protected.token
+        )));
+        assert!(lines[1].ends_with("cvc=held"));
+        assert!(lines[2].contains(&format!("event=protect result={}", error.reason)));
+        assert!(lines
+            .iter()
+            .all(|line| !line.contains(PAN) && !line.contains("123 ")));
+        assert!(!format!("{vault:?}").contains(PAN));
+
+        // The record opens for the same merchant and token, with the CVC once.
+        let reveal = RevealRequest {
+            keys: keys.clone(),
+            items: vec![RevealItem {
+                merchant_id: "m1".into(),
+                token: protected.token.clone(),
+                data_key_version: protected.data_key_version,
+                ciphertext: protected.ciphertext.clone(),
+                cvc_token: protected.token.clone(),
+                purpose: "capture".into(),
+            }],
+        };
+        let revealed = vault.reveal("gw", &reveal).unwrap();
+        let Some(reveal_result::Result::Revealed(revealed)) = &revealed.results[0].result else {
+            panic!("{revealed:?}")
+        };
+        assert_eq!(revealed.cvc, "123");
+
+        // A log that cannot be written refuses the call before any work.
+        sink.broken.store(true, Ordering::SeqCst);
+        assert_eq!(
+            vault.protect("gw", &protect).unwrap_err(),
+            VaultError::AuditUnavailable
+        );
+        assert_eq!(vault.held_cvcs(), 0, "nothing was held for the refused call");
+        assert_eq!(sink.lines.lock().unwrap().len(), 4);
+    }
+}
