@@ -45,7 +45,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptor_path = out_dir.join("tessera_descriptor.bin");
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&descriptors))?;
 
+    // Without the `grpc` feature (the vault's core) only the messages are generated.
+    let grpc = env::var_os("CARGO_FEATURE_GRPC").is_some();
     let mut builder = tonic_prost_build::configure()
+        .build_client(grpc)
+        .build_server(grpc)
         .build_transport(false)
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()

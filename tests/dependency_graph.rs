@@ -1,5 +1,6 @@
 //! The process boundaries hold in the dependency graph: the gateway never links the vault (or
-//! anything that can decrypt), and the vault links no database, no HTTP stack and no client.
+//! anything that can decrypt), the vault links no database, no HTTP stack and no client, and the
+//! vault's core (everything that touches card data or keys) links nothing that does I/O.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -95,12 +96,12 @@ fn gateway_does_not_depend_on_the_vault() {
         "sanity: the gateway uses the API crate"
     );
     assert!(
-        !deps.contains("tessera-vault"),
-        "the gateway must never link the vault crate"
+        !deps.contains("tessera-vault") && !deps.contains("tessera-vault-core"),
+        "the gateway must never link the vault or its core"
     );
     let cli = normal_dependencies("tessera-cli");
     assert!(
-        !cli.contains("tessera-vault"),
+        !cli.contains("tessera-vault") && !cli.contains("tessera-vault-core"),
         "the CLI talks to the vault over gRPC, it does not link it"
     );
 }
@@ -154,4 +155,79 @@ fn vault_dependency_tree_stays_small() {
         "the vault now has {} packages: {deps:?}",
         deps.len()
     );
+}
+
+/// What the vault's core may not link: it is synchronous and I/O-free, so no async runtime, no
+/// network, HTTP, gRPC or TLS stack, no database and no file watching, on top of everything the
+/// vault itself may not link.
+const FORBIDDEN_IN_VAULT_CORE: &[&str] = &[
+    "tokio",
+    "tokio-rustls",
+    "tokio-stream",
+    "mio",
+    "h2",
+    "http",
+    "tonic",
+    "rustls",
+    "socket2",
+    "notify",
+    "inotify",
+    "rustix",
+    "tracing-subscriber",
+];
+
+#[test]
+fn vault_core_is_synchronous_and_io_free() {
+    let deps = tree("tessera-vault-core");
+    assert!(
+        deps.contains("ring") && deps.contains("zeroize") && deps.contains("blahaj"),
+        "sanity: {deps:?}"
+    );
+    let forbidden: Vec<_> = FORBIDDEN_IN_VAULT_CORE
+        .iter()
+        .chain(FORBIDDEN_IN_VAULT)
+        .filter(|name| deps.contains(**name))
+        .collect();
+    assert!(
+        forbidden.is_empty(),
+        "the vault core must not depend on {forbidden:?}"
+    );
+    let vault = tree("tessera-vault");
+    assert!(
+        vault.contains("tessera-vault-core"),
+        "sanity: the vault runs its core"
+    );
+}
+
+#[test]
+fn vault_core_has_the_shortest_dependency_list() {
+    let direct = |package: &str| -> BTreeSet<String> {
+        let output = cargo()
+            .args([
+                "tree", "--locked", "-p", package, "-e", "normal", "--depth", "1", "--prefix", "none",
+                "--format", "{p}",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .filter(|name| *name != package)
+            .map(str::to_owned)
+            .collect()
+    };
+    let core = direct("tessera-vault-core");
+    for other in ["tessera-api", "tessera-vault", "tessera-gateway", "tessera-cli"] {
+        let theirs = direct(other);
+        assert!(
+            core.len() < theirs.len(),
+            "the vault core ({core:?}) must list fewer dependencies than {other} ({theirs:?})"
+        );
+    }
 }

@@ -27,98 +27,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ring::signature::{Ed25519KeyPair, KeyPair as _};
-use tessera_api::audit_format::{
-    hex, key_id, line_hash, push_hex, push_value, rfc3339_millis, seal_message, Entry,
-};
+use tessera_api::audit_format::{hex, line_hash, push_hex, push_value, rfc3339_millis, seal_message, Entry};
+pub use tessera_vault_core::audit::{AuditBatch, AuditSink, AuditUnavailable};
+pub use tessera_vault_core::audit_key::AuditSigner;
 
 use crate::config::AuditConfig;
-use crate::keys::{KeyError, MasterKey};
 
-/// The HKDF label of the audit signing key: a fixed label, so the key is the same on every
-/// start with the same master key and needs no storage.
-const AUDIT_KEY_LABEL: &[u8] = b"tessera/audit-signing-key/v1";
 /// How far from the end `open` looks for the last line.
 const TAIL_WINDOW: u64 = 64 * 1024;
-
-/// The Ed25519 key that signs audit blocks. Its private half is derived from the master key
-/// and exists only while the vault is unsealed.
-pub struct AuditSigner {
-    pair: Ed25519KeyPair,
-    key_id: String,
-    public_key: String,
-}
-
-impl AuditSigner {
-    /// Derives the audit key from the master key.
-    pub fn from_master(master: &MasterKey) -> Result<AuditSigner, KeyError> {
-        let seed = master.derive_secret(AUDIT_KEY_LABEL)?;
-        let pair = Ed25519KeyPair::from_seed_unchecked(seed.as_slice()).map_err(|_| KeyError::Crypto)?;
-        let public = pair.public_key().as_ref();
-        Ok(AuditSigner {
-            key_id: key_id(public),
-            public_key: hex(public),
-            pair,
-        })
-    }
-
-    /// The public key, hex: what `tessera audit verify --public-key` takes.
-    pub fn public_key_hex(&self) -> &str {
-        &self.public_key
-    }
-}
-
-impl fmt::Debug for AuditSigner {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AuditSigner")
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The lines of one call, built before the log's lock is taken.
-#[derive(Debug)]
-pub struct AuditBatch {
-    enabled: bool,
-    prefix: String,
-    text: String,
-    ends: Vec<usize>,
-}
-
-impl AuditBatch {
-    /// Adds one record. `fields` with an empty value are left out. Values must never be card
-    /// data, CVCs, keys or shares; they are percent-encoded here.
-    pub fn record(&mut self, event: &str, result: &str, fields: &[(&str, &str)]) {
-        if !self.enabled {
-            return;
-        }
-        self.text.push_str(&self.prefix);
-        self.text.push_str(" event=");
-        push_value(&mut self.text, event);
-        self.text.push_str(" result=");
-        push_value(&mut self.text, result);
-        for (key, value) in fields.iter().filter(|(_, value)| !value.is_empty()) {
-            self.text.push(' ');
-            self.text.push_str(key);
-            self.text.push('=');
-            push_value(&mut self.text, value);
-        }
-        self.ends.push(self.text.len());
-    }
-
-    /// Records added so far.
-    pub fn len(&self) -> usize {
-        self.ends.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-}
-
-/// The log is unavailable; the reason is in the vault's log and in Status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AuditUnavailable;
 
 /// What Status reports about the log.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -249,18 +165,13 @@ impl AuditLog {
             prefix.push_str(" caller=");
             push_value(&mut prefix, caller);
         }
-        AuditBatch {
-            enabled,
-            prefix,
-            text: String::new(),
-            ends: Vec::new(),
-        }
+        AuditBatch::new(enabled, prefix)
     }
 
     /// Chains and writes a call's records in one write. An error means the records are not
     /// in the log: the caller must not hand out the operation's result.
     pub fn append(&self, batch: &AuditBatch) -> Result<(), AuditUnavailable> {
-        if !batch.enabled || batch.ends.is_empty() {
+        if !batch.is_enabled() || batch.is_empty() {
             return self.check();
         }
         let mut state = self.lock();
@@ -270,12 +181,9 @@ impl AuditLog {
                 _ => Err(AuditUnavailable),
             };
         };
-        let mut out = String::with_capacity(batch.text.len() + batch.ends.len() * 90 + 256);
-        let mut start = 0;
-        for &end in &batch.ends {
-            let body = batch.text.get(start..end).unwrap_or_default();
+        let mut out = String::with_capacity(batch.text_len() + batch.len() * 90 + 256);
+        for body in batch.lines() {
             writer.push_line(&mut out, body);
-            start = end;
         }
         if writer.unsigned >= self.block_lines {
             writer.push_seal(&mut out, false);
@@ -383,7 +291,7 @@ impl AuditLog {
                 public_key: writer
                     .signer
                     .as_ref()
-                    .map(|signer| signer.public_key.clone())
+                    .map(|signer| signer.public_key_hex().to_owned())
                     .unwrap_or_default(),
             },
             State::Failed { reason, lines, head } => AuditStatus {
@@ -422,18 +330,31 @@ impl Writer {
             "{} {} seal key={} final={}",
             self.next_seq,
             hex(&self.head),
-            signer.key_id,
+            signer.key_id(),
             u8::from(final_seal)
         );
-        let signature = signer
-            .pair
-            .sign(&seal_message(out.get(start..).unwrap_or_default()));
+        let signature = signer.sign(&seal_message(out.get(start..).unwrap_or_default()));
         out.push_str(" sig=");
-        push_hex(out, signature.as_ref());
+        push_hex(out, &signature);
         self.head = line_hash(out.get(start..).unwrap_or_default().as_bytes());
         out.push('\n');
         self.next_seq += 1;
         self.unsigned = 0;
+    }
+}
+
+/// The core's audit records go to this file.
+impl AuditSink for AuditLog {
+    fn check(&self) -> Result<(), AuditUnavailable> {
+        AuditLog::check(self)
+    }
+
+    fn batch(&self, caller: &str) -> AuditBatch {
+        AuditLog::batch(self, caller)
+    }
+
+    fn append(&self, batch: &AuditBatch) -> Result<(), AuditUnavailable> {
+        AuditLog::append(self, batch)
     }
 }
 
@@ -487,8 +408,8 @@ fn open_writer(path: &Path) -> Result<(Writer, &'static str), String> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
     use super::*;
-    use crate::keys::SecretKey;
     use tessera_api::audit_format::{decode_hex, verify, VerifyOptions};
+    use tessera_vault_core::keys::{MasterKey, SecretKey};
     use zeroize::Zeroizing;
 
     fn signer() -> Arc<AuditSigner> {

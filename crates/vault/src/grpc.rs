@@ -30,14 +30,73 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
 
+use tessera_vault_core::error::VaultError;
+use tessera_vault_core::shares::SealError;
+
 use crate::config::Role;
-use crate::service::{code, Vault, VaultError};
+use crate::service::VaultService;
 
 /// Largest request message: a full batch of card items fits well within it.
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-const GRPC_UNIMPLEMENTED: i32 = 12;
+
+/// gRPC status codes (google.rpc.Code values) of refused calls.
+mod code {
+    pub const INVALID_ARGUMENT: i32 = 3;
+    pub const ALREADY_EXISTS: i32 = 6;
+    pub const PERMISSION_DENIED: i32 = 7;
+    pub const FAILED_PRECONDITION: i32 = 9;
+    pub const UNIMPLEMENTED: i32 = 12;
+    pub const INTERNAL: i32 = 13;
+    pub const UNAVAILABLE: i32 = 14;
+}
+
+/// A refused call as it goes on the wire: `grpc-status`, `ErrorInfo` reason, fixed message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Refusal {
+    code: i32,
+    reason: &'static str,
+    message: &'static str,
+}
+
+impl Refusal {
+    const fn new(code: i32, reason: &'static str, message: &'static str) -> Self {
+        Self {
+            code,
+            reason,
+            message,
+        }
+    }
+}
+
+/// The one place a vault error gets its gRPC status code.
+impl From<VaultError> for Refusal {
+    fn from(err: VaultError) -> Self {
+        let code = match &err {
+            VaultError::Sealed | VaultError::AuditUnavailable => code::UNAVAILABLE,
+            VaultError::InvalidMerchantId | VaultError::InvalidKeyVersion | VaultError::BatchTooLarge => {
+                code::INVALID_ARGUMENT
+            }
+            VaultError::NotASealedVault => code::FAILED_PRECONDITION,
+            VaultError::Seal(
+                SealError::Malformed
+                | SealError::WrongVault
+                | SealError::InvalidShare
+                | SealError::BadParameters,
+            ) => code::INVALID_ARGUMENT,
+            VaultError::Seal(SealError::DuplicateShare | SealError::AlreadyInitialized) => {
+                code::ALREADY_EXISTS
+            }
+            VaultError::Seal(
+                SealError::NotInitialized | SealError::AlreadyUnsealed | SealError::SameCustodian,
+            ) => code::FAILED_PRECONDITION,
+            // AuditKeyFailed, RandomFailed, KeyCreationFailed and the seal state's own failures.
+            _ => code::INTERNAL,
+        };
+        Refusal::new(code, err.reason(), err.message())
+    }
+}
 
 /// The vault's methods, by gRPC path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +160,7 @@ struct Caller {
 /// Serves the vault on `listener` until `shutdown` completes, then lets in-flight calls
 /// finish (bounded) and returns.
 pub async fn serve(
-    vault: Arc<Vault>,
+    vault: Arc<VaultService>,
     roles: HashMap<String, Role>,
     tls: Arc<rustls::ServerConfig>,
     listener: TcpListener,
@@ -142,7 +201,7 @@ pub async fn serve(
 
 async fn connection(
     acceptor: TlsAcceptor,
-    vault: Arc<Vault>,
+    vault: Arc<VaultService>,
     roles: Arc<HashMap<String, Role>>,
     tcp: TcpStream,
     peer: SocketAddr,
@@ -216,7 +275,7 @@ async fn connection(
 }
 
 async fn call(
-    vault: Arc<Vault>,
+    vault: Arc<VaultService>,
     caller: Caller,
     request: http::Request<RecvStream>,
     respond: SendResponse<Bytes>,
@@ -245,20 +304,20 @@ async fn call(
     }
 }
 
-fn authorize(caller: &Caller, path: &str) -> Result<Method, VaultError> {
-    let method = Method::from_path(path).ok_or(VaultError::new(
-        GRPC_UNIMPLEMENTED,
+fn authorize(caller: &Caller, path: &str) -> Result<Method, Refusal> {
+    let method = Method::from_path(path).ok_or(Refusal::new(
+        code::UNIMPLEMENTED,
         "UNKNOWN_METHOD",
         "no such vault method",
     ))?;
     match caller.role {
         Some(role) if method.allowed(role) => Ok(method),
-        Some(_) => Err(VaultError::new(
+        Some(_) => Err(Refusal::new(
             code::PERMISSION_DENIED,
             "METHOD_NOT_ALLOWED",
             "this identity may not call this method",
         )),
-        None => Err(VaultError::new(
+        None => Err(Refusal::new(
             code::PERMISSION_DENIED,
             "CALLER_NOT_ALLOWED",
             "this identity is not allowed to use the vault",
@@ -268,13 +327,13 @@ fn authorize(caller: &Caller, path: &str) -> Result<Method, VaultError> {
 
 /// Reads one gRPC length-prefixed message. The buffer is zeroized when dropped because a
 /// Protect request carries card numbers.
-async fn read_message(mut body: RecvStream) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-    let too_large = VaultError::new(
+async fn read_message(mut body: RecvStream) -> Result<Zeroizing<Vec<u8>>, Refusal> {
+    let too_large = Refusal::new(
         code::INVALID_ARGUMENT,
         "MESSAGE_TOO_LARGE",
         "the request exceeds 16 MiB",
     );
-    let broken = VaultError::new(
+    let broken = Refusal::new(
         code::INVALID_ARGUMENT,
         "MALFORMED_MESSAGE",
         "the request is not one gRPC message",
@@ -307,7 +366,7 @@ async fn read_message(mut body: RecvStream) -> Result<Zeroizing<Vec<u8>>, VaultE
             }
         }
         [_, ..] => {
-            return Err(VaultError::new(
+            return Err(Refusal::new(
                 code::INVALID_ARGUMENT,
                 "COMPRESSION_UNSUPPORTED",
                 "compressed messages are not accepted",
@@ -320,13 +379,13 @@ async fn read_message(mut body: RecvStream) -> Result<Zeroizing<Vec<u8>>, VaultE
 
 /// Decodes the request, runs the operation and encodes the reply into a zeroizing frame.
 fn dispatch(
-    vault: &Vault,
+    vault: &VaultService,
     caller: &str,
     method: Method,
     message: &[u8],
-) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+) -> Result<Zeroizing<Vec<u8>>, Refusal> {
     let malformed = |_| {
-        VaultError::new(
+        Refusal::new(
             code::INVALID_ARGUMENT,
             "MALFORMED_MESSAGE",
             "the request does not decode",
@@ -335,42 +394,54 @@ fn dispatch(
     match method {
         Method::CreateKeys => vault
             .create_keys(caller, &CreateKeysRequest::decode(message).map_err(malformed)?)
-            .map(|r| frame(&r)),
+            .map(|r| frame(&r))
+            .map_err(Refusal::from),
         Method::Protect => vault
             .protect(caller, &ProtectRequest::decode(message).map_err(malformed)?)
-            .map(|r| frame(&r)),
+            .map(|r| frame(&r))
+            .map_err(Refusal::from),
         Method::Reveal => vault
             .reveal(caller, &RevealRequest::decode(message).map_err(malformed)?)
-            .map(|r| frame(&r)),
+            .map(|r| frame(&r))
+            .map_err(Refusal::from),
         Method::Status => {
             StatusRequest::decode(message).map_err(malformed)?;
             Ok(frame(&vault.status()))
         }
         Method::Echo => vault
             .echo(&EchoRequest::decode(message).map_err(malformed)?)
-            .map(|r| frame(&r)),
+            .map(|r| frame(&r))
+            .map_err(Refusal::from),
         Method::Init => vault
             .init(caller, &InitRequest::decode(message).map_err(malformed)?)
-            .map(|r| frame(&r)),
+            .map(|r| frame(&r))
+            .map_err(Refusal::from),
         Method::Unseal => vault
             .unseal(caller, &UnsealRequest::decode(message).map_err(malformed)?)
-            .map(|r| frame(&r)),
+            .map(|r| frame(&r))
+            .map_err(Refusal::from),
         Method::Seal => {
             SealRequest::decode(message).map_err(malformed)?;
-            vault.seal(caller).map(|r| frame(&r))
+            vault.seal(caller).map(|r| frame(&r)).map_err(Refusal::from)
         }
         Method::Reencrypt => vault
             .reencrypt(caller, &ReencryptRequest::decode(message).map_err(malformed)?)
-            .map(|r| frame(&r)),
+            .map(|r| frame(&r))
+            .map_err(Refusal::from),
         Method::RewrapKeys => vault
             .rewrap_keys(caller, &RewrapKeysRequest::decode(message).map_err(malformed)?)
-            .map(|r| frame(&r)),
+            .map(|r| frame(&r))
+            .map_err(Refusal::from),
         Method::Rekey => vault
             .rekey(caller, &RekeyRequest::decode(message).map_err(malformed)?)
-            .map(|r| frame(&r)),
+            .map(|r| frame(&r))
+            .map_err(Refusal::from),
         Method::RetireMasterKeys => {
             RetireMasterKeysRequest::decode(message).map_err(malformed)?;
-            vault.retire_master_keys(caller).map(|r| frame(&r))
+            vault
+                .retire_master_keys(caller)
+                .map(|r| frame(&r))
+                .map_err(Refusal::from)
         }
     }
 }
@@ -388,7 +459,7 @@ fn frame(message: &impl Message) -> Zeroizing<Vec<u8>> {
 
 fn respond_with(
     mut respond: SendResponse<Bytes>,
-    outcome: Result<Zeroizing<Vec<u8>>, VaultError>,
+    outcome: Result<Zeroizing<Vec<u8>>, Refusal>,
 ) -> Result<(), h2::Error> {
     match outcome {
         Ok(body) => {
@@ -471,6 +542,72 @@ mod tests {
         for (input, expected) in cases {
             assert_eq!(base64_no_pad(input), expected);
         }
+    }
+
+    /// The codes and reasons the gateway and the CLI have always received for each refusal
+    /// (before the typed error, they were written next to each reason in service.rs).
+    #[test]
+    fn vault_errors_keep_their_wire_codes() {
+        let cases = [
+            (VaultError::Sealed, 14, "VAULT_SEALED"),
+            (VaultError::AuditUnavailable, 14, "AUDIT_UNAVAILABLE"),
+            (VaultError::AuditKeyFailed, 13, "AUDIT_KEY_FAILED"),
+            (VaultError::RandomFailed, 13, "RANDOM_FAILED"),
+            (VaultError::InvalidMerchantId, 3, "INVALID_MERCHANT_ID"),
+            (VaultError::InvalidKeyVersion, 3, "INVALID_KEY_VERSION"),
+            (VaultError::KeyCreationFailed, 13, "KEY_CREATION_FAILED"),
+            (VaultError::BatchTooLarge, 3, "BATCH_TOO_LARGE"),
+            (VaultError::NotASealedVault, 9, "NOT_A_SEALED_VAULT"),
+            (VaultError::Seal(SealError::NotInitialized), 9, "NOT_INITIALIZED"),
+            (
+                VaultError::Seal(SealError::AlreadyInitialized),
+                6,
+                "ALREADY_INITIALIZED",
+            ),
+            (
+                VaultError::Seal(SealError::AlreadyUnsealed),
+                9,
+                "ALREADY_UNSEALED",
+            ),
+            (
+                VaultError::Seal(SealError::BadParameters),
+                3,
+                "INVALID_SHARE_PARAMETERS",
+            ),
+            (VaultError::Seal(SealError::Malformed), 3, "MALFORMED_SHARE"),
+            (VaultError::Seal(SealError::WrongVault), 3, "WRONG_VAULT_SHARE"),
+            (VaultError::Seal(SealError::InvalidShare), 3, "INVALID_SHARE"),
+            (VaultError::Seal(SealError::DuplicateShare), 6, "DUPLICATE_SHARE"),
+            (VaultError::Seal(SealError::SameCustodian), 9, "SAME_CUSTODIAN"),
+            (
+                VaultError::Seal(SealError::Inconsistent),
+                13,
+                "SEAL_STATE_INCONSISTENT",
+            ),
+            (
+                VaultError::Seal(SealError::State("disk".into())),
+                13,
+                "SEAL_STATE_UNAVAILABLE",
+            ),
+            (VaultError::Seal(SealError::Random), 13, "RANDOM_FAILED"),
+            (
+                VaultError::Seal(SealError::NotCurrentKey),
+                13,
+                "NOT_CURRENT_MASTER_KEY",
+            ),
+        ];
+        for (err, code, reason) in cases {
+            let message = err.message();
+            let refusal = Refusal::from(err);
+            assert_eq!((refusal.code, refusal.reason), (code, reason));
+            assert_eq!(refusal.message, message);
+        }
+        // The state file's detail stays in the vault's log: the caller gets the fixed text.
+        assert!(
+            !Refusal::from(VaultError::Seal(SealError::State("/etc/x".into())))
+                .message
+                .contains("/etc/x")
+        );
     }
 
     #[test]

@@ -6,10 +6,9 @@ use std::fmt::{self, Write as _};
 use std::io::Write;
 use std::path::PathBuf;
 
-use ring::rand::SecureRandom;
+use tessera_vault_core::crypto::Random;
+use tessera_vault_core::keys::{MasterKey, SecretKey};
 use zeroize::Zeroizing;
-
-use crate::keys::{MasterKey, SecretKey};
 
 /// The first line of every development key file, so nobody mistakes it for a production key.
 const DEVELOPMENT_BANNER: &str =
@@ -53,7 +52,7 @@ pub trait MasterKeySource: fmt::Debug + Send + Sync {
     /// A short description for logs and the status RPC, e.g. "development key file".
     fn describe(&self) -> &'static str;
     /// Loads the key into vault memory.
-    fn load(&self, rng: &dyn SecureRandom) -> Result<MasterKey, MasterKeyError>;
+    fn load(&self, rng: &Random) -> Result<MasterKey, MasterKeyError>;
 }
 
 /// A hex key file for development, created on first start when allowed.
@@ -68,7 +67,7 @@ impl MasterKeySource for DevelopmentKeyFile {
         "development key file"
     }
 
-    fn load(&self, rng: &dyn SecureRandom) -> Result<MasterKey, MasterKeyError> {
+    fn load(&self, rng: &Random) -> Result<MasterKey, MasterKeyError> {
         let io = |cause| MasterKeyError::Io {
             path: self.path.clone(),
             cause,
@@ -93,7 +92,7 @@ impl MasterKeySource for DevelopmentKeyFile {
 }
 
 impl DevelopmentKeyFile {
-    fn create(&self, rng: &dyn SecureRandom) -> std::io::Result<()> {
+    fn create(&self, rng: &Random) -> std::io::Result<()> {
         let mut key = Zeroizing::new([0u8; 32]);
         rng.fill(key.as_mut_slice())
             .map_err(|_| std::io::Error::other("system random source failed"))?;
@@ -165,7 +164,7 @@ mod tests {
             path: dir.join("dev-master-key"),
             create_if_missing: true,
         };
-        let rng = ring::rand::SystemRandom::new();
+        let rng = Random::system();
         let first = source.load(&rng).unwrap().key_check_value();
         let second = source.load(&rng).unwrap().key_check_value();
         assert_eq!(first, second);
@@ -186,7 +185,7 @@ mod tests {
             path: PathBuf::from("/nonexistent/tessera/key"),
             create_if_missing: false,
         };
-        let err = source.load(&ring::rand::SystemRandom::new()).unwrap_err();
+        let err = source.load(&Random::system()).unwrap_err();
         assert!(matches!(err, MasterKeyError::Io { .. }));
     }
 }

@@ -1,32 +1,24 @@
-//! Tessera's vault: the only process that holds keys and sees card data in clear.
+//! Tessera's vault process: the only process that holds keys and sees card data in clear.
 //!
-//! Layout, smallest and most reviewed first:
-//! - [`card`]: parsing and validating card numbers into zeroizing types; brand and card facts.
-//! - [`keys`]: the master key, wrapped merchant keys and the bounded key cache.
-//! - [`payload`]: bank accounts and contact data, validated like cards.
-//! - [`cvc`]: CVCs held in memory only, for a limited time, returned at most once.
-//! - [`record`]: AES-256-GCM record sealing bound to merchant, token and key version.
-//! - [`token`]: opaque and format-preserving token generation.
+//! Everything that touches card data or keys is in `tessera-vault-core` (`crates/vault-core`,
+//! read it first); this crate runs it:
 //! - [`kek_source`]: where the master key comes from (development file).
-//! - [`sealing`]: sealed start: the master key split into Shamir shares, rebuilt at unseal.
-//! - [`audit`]: the hash-chained, block-signed audit log of every card-data and key operation.
+//! - [`sealing`]: sealed start: the state machine of unseal and its public state file.
+//! - [`audit`]: the hash-chained, block-signed audit log file of every card-data and key
+//!   operation.
 //! - [`hardening`]: no core dumps, no ptrace, locked memory.
 //! - [`config`], [`tls`]: the configuration file and the mutual-TLS listener setup.
-//! - [`service`]: the vault operations over batches, with caller authorisation.
-//! - [`grpc`]: a small gRPC-over-HTTP/2 server on mutual TLS that dispatches to [`service`].
+//! - [`service`]: sealed start (init, unseal, seal, rekey, retire), status and the start and
+//!   stop records; data calls go to the core's `Vault`.
+//! - [`grpc`]: a small gRPC-over-HTTP/2 server on mutual TLS that dispatches to [`service`] and
+//!   maps every error to its gRPC status code in one place.
 #![forbid(unsafe_code)]
 
 pub mod audit;
-pub mod card;
 pub mod config;
-pub mod cvc;
 pub mod grpc;
 pub mod hardening;
 pub mod kek_source;
-pub mod keys;
-pub mod payload;
-pub mod record;
 pub mod sealing;
 pub mod service;
 pub mod tls;
-pub mod token;

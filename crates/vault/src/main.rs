@@ -10,8 +10,9 @@ use tessera_vault::config::{MasterKeyConfig, Mode, VaultConfig};
 use tessera_vault::hardening::{harden_process, is_debug_build};
 use tessera_vault::kek_source::{DevelopmentKeyFile, MasterKeySource};
 use tessera_vault::sealing::SealedStart;
-use tessera_vault::service::{KeySource, Vault, VaultFacts, VaultLimits};
+use tessera_vault::service::{KeySource, VaultFacts, VaultLimits, VaultService};
 use tessera_vault::{grpc, tls};
+use tessera_vault_core::crypto::Random;
 
 /// Tessera's vault: the only process that holds keys.
 #[derive(Debug, Parser)]
@@ -63,16 +64,14 @@ async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -
                 path: path.clone(),
                 create_if_missing: *create_if_missing,
             };
-            let master = source
-                .load(&ring::rand::SystemRandom::new())
-                .map_err(|err| err.to_string())?;
+            let master = source.load(&Random::system()).map_err(|err| err.to_string())?;
             tracing::info!(key_check_value = %master.key_check_value(), source = source.describe(), "master key loaded");
             for path in previous_paths {
                 let previous = DevelopmentKeyFile {
                     path: path.clone(),
                     create_if_missing: false,
                 }
-                .load(&ring::rand::SystemRandom::new())
+                .load(&Random::system())
                 .map_err(|err| err.to_string())?;
                 tracing::warn!(key_check_value = %previous.key_check_value(), "previous master key loaded for re-wrapping only (KEK rotation)");
                 previous_keys.push(previous);
@@ -119,7 +118,8 @@ async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -
         master_key_source: source_name,
         hardening,
     };
-    let vault = Arc::new(Vault::new(keys, audit, limits(&config), facts).map_err(|err| err.to_string())?);
+    let vault =
+        Arc::new(VaultService::new(keys, audit, limits(&config), facts).map_err(|err| err.to_string())?);
     vault.record_start(prior_log);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -146,7 +146,7 @@ async fn run(args: Args, hardening: tessera_vault::hardening::HardeningReport) -
 
 /// Seals an audit block and flushes the log to disk every `interval`, on a blocking thread so
 /// the flush never stalls the runtime.
-async fn seal_audit_blocks(vault: std::sync::Weak<Vault>, interval: std::time::Duration) {
+async fn seal_audit_blocks(vault: std::sync::Weak<VaultService>, interval: std::time::Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -166,7 +166,7 @@ fn limits(config: &VaultConfig) -> VaultLimits {
 
 /// Wipes expired CVCs every few seconds, so one is never held much past its time limit even
 /// when nobody asks for it.
-async fn purge_cvcs(vault: std::sync::Weak<Vault>) {
+async fn purge_cvcs(vault: std::sync::Weak<VaultService>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     loop {
         tick.tick().await;

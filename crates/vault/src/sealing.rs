@@ -14,124 +14,25 @@
 //! key check value, and the shares are wiped. Shares live only in zeroizing memory; a restart
 //! (or `Seal`) starts over.
 //!
-//! The digests reveal nothing usable: fewer than `threshold` shares leave every byte of any
-//! other share uniformly random, so a digest cannot be inverted by search.
+//! The split, the combination, the share format and the digests are in
+//! `tessera_vault_core::shares`; this module holds the state machine and the state file.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use ring::rand::SecureRandom;
 use serde::{Deserialize, Serialize};
-use tessera_api::audit_format::{decode_hex, hex, push_hex};
+use tessera_api::audit_format::{decode_hex, hex};
+use tessera_vault_core::crypto::Random;
+use tessera_vault_core::keys::{MasterKey, WRAPPED_LEN};
+use tessera_vault_core::shares::{combine, deal, ShareValue};
+pub use tessera_vault_core::shares::{SealError, MAX_SHARES, SHARE_PREFIX};
 use zeroize::Zeroizing;
 
-use crate::keys::{MasterKey, SecretKey, KEY_LEN, WRAPPED_LEN};
-
-/// First word of every share line, naming the format.
-pub const SHARE_PREFIX: &str = "tessera-share-v1";
-/// Domain label of the per-share digests in the state file.
-const SHARE_DIGEST_LABEL: &[u8] = b"tessera/key-share-digest/v1";
 /// The state file's format number.
 const STATE_FORMAT: u32 = 1;
-/// Most shares GF(256) allows: x = 1..=255.
-pub const MAX_SHARES: u32 = 255;
-
-/// A sealed-start operation that cannot be done. Never contains share or key material.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum SealError {
-    /// Init has not run: there is no key to unseal.
-    NotInitialized,
-    /// Init already ran: the vault refuses to create a second master key.
-    AlreadyInitialized,
-    /// The vault is already unsealed.
-    AlreadyUnsealed,
-    /// Share count or threshold outside 2 <= threshold <= shares <= 255.
-    BadParameters,
-    /// The text is not a share line.
-    Malformed,
-    /// The share belongs to another master key (its check value differs).
-    WrongVault,
-    /// The share does not match any share this vault issued.
-    InvalidShare,
-    /// This share was already submitted.
-    DuplicateShare,
-    /// This operator identity already submitted a share (`distinct_custodians`).
-    SameCustodian,
-    /// Valid shares combined to a key with another check value: the state file was altered.
-    Inconsistent,
-    /// The state file could not be read or written.
-    State(String),
-    /// The system random source failed.
-    Random,
-    /// Rekey was asked with a master key other than the one the state file names.
-    NotCurrentKey,
-}
-
-impl SealError {
-    /// The `ErrorInfo` reason a client can branch on.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::NotInitialized => "NOT_INITIALIZED",
-            Self::AlreadyInitialized => "ALREADY_INITIALIZED",
-            Self::AlreadyUnsealed => "ALREADY_UNSEALED",
-            Self::BadParameters => "INVALID_SHARE_PARAMETERS",
-            Self::Malformed => "MALFORMED_SHARE",
-            Self::WrongVault => "WRONG_VAULT_SHARE",
-            Self::InvalidShare => "INVALID_SHARE",
-            Self::DuplicateShare => "DUPLICATE_SHARE",
-            Self::SameCustodian => "SAME_CUSTODIAN",
-            Self::Inconsistent => "SEAL_STATE_INCONSISTENT",
-            Self::State(_) => "SEAL_STATE_UNAVAILABLE",
-            Self::Random => "RANDOM_FAILED",
-            Self::NotCurrentKey => "NOT_CURRENT_MASTER_KEY",
-        }
-    }
-}
-
-impl SealError {
-    /// A fixed message for the caller (the state file's detail goes to the vault's log only).
-    pub fn message(&self) -> &'static str {
-        match self {
-            Self::NotInitialized => "the vault is not initialised; run `tessera vault init` first",
-            Self::AlreadyInitialized => "the vault is already initialised; its master key exists",
-            Self::AlreadyUnsealed => "the vault is already unsealed",
-            Self::BadParameters => "threshold must be at least 2 and at most shares, shares at most 255",
-            Self::Malformed => "this is not a key share (expected a tessera-share-v1 line)",
-            Self::WrongVault => "this share belongs to another master key (its check value differs)",
-            Self::InvalidShare => {
-                "this share is not one this vault issued (wrong or corrupted); progress is kept"
-            }
-            Self::DuplicateShare => "this share was already submitted; progress is kept",
-            Self::SameCustodian => {
-                "this operator already submitted a share; another custodian must submit the next"
-            }
-            Self::Inconsistent => {
-                "the shares rebuild a key with another check value; the seal state file was altered"
-            }
-            Self::State(_) => "the seal state file cannot be used; see the vault's log",
-            Self::Random => "the system random source failed",
-            Self::NotCurrentKey => {
-                "the vault runs with a master key other than the one its seal state file names"
-            }
-        }
-    }
-}
-
-impl fmt::Display for SealError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::State(why) => write!(f, "seal state file: {why}"),
-            other => f.write_str(other.message()),
-        }
-    }
-}
-
-impl std::error::Error for SealError {}
 
 /// The public state of an initialised sealed vault, as stored in the state file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,94 +135,6 @@ enum Write {
     Create,
     Replace,
 }
-
-/// One share as submitted: its index (x) and the 32 share bytes (y), in zeroizing memory.
-struct ShareValue {
-    index: u8,
-    value: Zeroizing<[u8; KEY_LEN]>,
-}
-
-impl ShareValue {
-    /// Parses `tessera-share-v1 <kcv> <index> <64 hex>`; returns the check value too.
-    fn parse(text: &str) -> Result<(ShareValue, &str), SealError> {
-        let line = text
-            .lines()
-            .map(str::trim)
-            .find(|line| line.starts_with(SHARE_PREFIX))
-            .ok_or(SealError::Malformed)?;
-        let mut words = line.split_ascii_whitespace();
-        let (Some(SHARE_PREFIX), Some(kcv), Some(index), Some(value), None) = (
-            words.next(),
-            words.next(),
-            words.next(),
-            words.next(),
-            words.next(),
-        ) else {
-            return Err(SealError::Malformed);
-        };
-        let index: u8 = index.parse().map_err(|_| SealError::Malformed)?;
-        if index == 0 {
-            return Err(SealError::Malformed);
-        }
-        let value = Zeroizing::new(decode_hex::<KEY_LEN>(value).ok_or(SealError::Malformed)?);
-        Ok((ShareValue { index, value }, kcv))
-    }
-
-    fn line(&self, kcv: &str) -> Zeroizing<String> {
-        let mut line = Zeroizing::new(String::with_capacity(128));
-        line.push_str(SHARE_PREFIX);
-        line.push(' ');
-        line.push_str(kcv);
-        line.push(' ');
-        line.push_str(&self.index.to_string());
-        line.push(' ');
-        push_hex(&mut line, self.value.as_slice());
-        line
-    }
-
-    fn digest(&self, kcv: &str) -> String {
-        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-        context.update(SHARE_DIGEST_LABEL);
-        context.update(kcv.as_bytes());
-        context.update(&[self.index]);
-        context.update(self.value.as_slice());
-        hex(context.finish().as_ref())
-    }
-}
-
-/// Adapts ring's `SecureRandom` to the RNG traits blahaj takes. rand's traits cannot report
-/// failure, so a failed fill sets `failed` (and yields zeros), and the caller throws away
-/// everything produced once it is set.
-struct RingRng<'a> {
-    rng: &'a dyn SecureRandom,
-    failed: bool,
-}
-
-impl rand_core::TryRng for RingRng<'_> {
-    type Error = Infallible;
-
-    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
-        let mut bytes = [0u8; 4];
-        self.try_fill_bytes(&mut bytes)?;
-        Ok(u32::from_le_bytes(bytes))
-    }
-
-    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
-        let mut bytes = [0u8; 8];
-        self.try_fill_bytes(&mut bytes)?;
-        Ok(u64::from_le_bytes(bytes))
-    }
-
-    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
-        if self.rng.fill(dst).is_err() {
-            self.failed = true;
-            dst.fill(0);
-        }
-        Ok(())
-    }
-}
-
-impl rand_core::TryCryptoRng for RingRng<'_> {}
 
 /// What Init hands out, once.
 pub struct Initialized {
@@ -431,7 +244,7 @@ impl SealedStart {
         &self,
         shares: u32,
         threshold: u32,
-        rng: &dyn SecureRandom,
+        rng: &Random,
         audit_public_key: impl FnOnce(&MasterKey) -> Result<String, SealError>,
     ) -> Result<Initialized, SealError> {
         let mut inner = self.lock();
@@ -464,7 +277,7 @@ impl SealedStart {
         previous: &[&MasterKey],
         shares: u32,
         threshold: u32,
-        rng: &dyn SecureRandom,
+        rng: &Random,
         audit_public_key: impl FnOnce(&MasterKey) -> Result<String, SealError>,
     ) -> Result<(Initialized, MasterKey), SealError> {
         let mut inner = self.lock();
@@ -544,7 +357,7 @@ impl SealedStart {
                 index,
             });
         }
-        let key = combine(progress.shares.values(), state);
+        let key = combine(progress.shares.values(), state.threshold, &state.key_check_value);
         // Whatever the outcome, the shares have done their work: wipe them. (Every one was
         // checked on arrival, so a failure here means the state file itself was altered.)
         *progress = Progress::default();
@@ -570,40 +383,6 @@ impl SealedStart {
     pub fn reset(&self) {
         self.lock().progress = Progress::default();
     }
-}
-
-/// Creates a master key and splits it into `shares` shares, any `threshold` of which rebuild it.
-fn deal(
-    shares: u32,
-    threshold: u32,
-    rng: &dyn SecureRandom,
-) -> Result<(MasterKey, Vec<ShareValue>), SealError> {
-    if !(2..=shares).contains(&threshold) || shares > MAX_SHARES {
-        return Err(SealError::BadParameters);
-    }
-    let threshold_u8 = u8::try_from(threshold).map_err(|_| SealError::BadParameters)?;
-    let count = usize::try_from(shares).map_err(|_| SealError::BadParameters)?;
-    let mut secret = Zeroizing::new([0u8; KEY_LEN]);
-    rng.fill(secret.as_mut_slice()).map_err(|_| SealError::Random)?;
-    let mut source = RingRng { rng, failed: false };
-    let dealt: Vec<blahaj::Share> = blahaj::Sharks(threshold_u8)
-        .dealer_rng(secret.as_slice(), &mut source)
-        .take(count)
-        .collect();
-    if source.failed {
-        return Err(SealError::Random);
-    }
-    let mut values = Vec::with_capacity(count);
-    for share in &dealt {
-        let bytes = Zeroizing::new(Vec::from(share));
-        let (index, value) = bytes.split_first().ok_or(SealError::Random)?;
-        let value: &[u8; KEY_LEN] = value.try_into().map_err(|_| SealError::Random)?;
-        values.push(ShareValue {
-            index: *index,
-            value: Zeroizing::new(*value),
-        });
-    }
-    Ok((MasterKey::new(SecretKey::from_bytes(secret)), values))
 }
 
 /// The public state of `master` split into `values`.
@@ -636,37 +415,6 @@ fn initialized(values: &[ShareValue], state: SealState) -> Initialized {
     }
 }
 
-/// Rebuilds the master key from `threshold` checked shares and confirms its check value.
-fn combine<'a>(
-    shares: impl Iterator<Item = &'a ShareValue>,
-    state: &SealState,
-) -> Result<MasterKey, SealError> {
-    let shares = shares
-        .map(|share| {
-            let mut bytes = Zeroizing::new(Vec::with_capacity(1 + KEY_LEN));
-            bytes.push(share.index);
-            bytes.extend_from_slice(share.value.as_slice());
-            blahaj::Share::try_from(bytes.as_slice())
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| SealError::Inconsistent)?;
-    let threshold = u8::try_from(state.threshold).map_err(|_| SealError::Inconsistent)?;
-    let secret = Zeroizing::new(
-        blahaj::Sharks(threshold)
-            .recover(&shares)
-            .map_err(|_| SealError::Inconsistent)?,
-    );
-    let bytes: &[u8; KEY_LEN] = secret
-        .as_slice()
-        .try_into()
-        .map_err(|_| SealError::Inconsistent)?;
-    let key = MasterKey::new(SecretKey::from_bytes(Zeroizing::new(*bytes)));
-    if key.key_check_value() != state.key_check_value {
-        return Err(SealError::Inconsistent);
-    }
-    Ok(key)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(
@@ -676,6 +424,7 @@ mod tests {
         clippy::panic
     )]
     use super::*;
+    use tessera_vault_core::keys::SecretKey;
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("tessera-seal-{name}-{}", std::process::id()));
@@ -686,9 +435,7 @@ mod tests {
     fn init(name: &str, shares: u32, threshold: u32) -> (SealedStart, Initialized) {
         let sealed = SealedStart::open(scratch(name), false).unwrap();
         let initialized = sealed
-            .initialize(shares, threshold, &ring::rand::SystemRandom::new(), |_| {
-                Ok("pk".into())
-            })
+            .initialize(shares, threshold, &Random::system(), |_| Ok("pk".into()))
             .unwrap();
         (sealed, initialized)
     }
@@ -739,7 +486,7 @@ mod tests {
 
     #[test]
     fn rekey_replaces_the_shares_and_keeps_the_old_key_until_retired() {
-        let rng = ring::rand::SystemRandom::new();
+        let rng = Random::system();
         let (sealed, first) = init("rekey", 3, 2);
         let (key1, previous) = unseal_with(&sealed, &[&first.shares[0], &first.shares[2]]);
         assert!(previous.is_empty());
@@ -808,7 +555,7 @@ mod tests {
     #[test]
     fn init_runs_once_and_checks_parameters() {
         let (sealed, _) = init("once", 3, 2);
-        let rng = ring::rand::SystemRandom::new();
+        let rng = Random::system();
         let again = sealed.initialize(3, 2, &rng, |_| Ok(String::new()));
         assert_eq!(again.unwrap_err(), SealError::AlreadyInitialized);
         let other = SealedStart::open(scratch("params"), false).unwrap();
@@ -824,7 +571,7 @@ mod tests {
         let path = scratch("custodians");
         let sealed = SealedStart::open(path.clone(), true).unwrap();
         let init = sealed
-            .initialize(3, 2, &ring::rand::SystemRandom::new(), |_| Ok(String::new()))
+            .initialize(3, 2, &Random::system(), |_| Ok(String::new()))
             .unwrap();
         sealed.submit("alice", &init.shares[0]).unwrap();
         assert_eq!(

@@ -1,115 +1,34 @@
-//! The vault's operations over batches. The gRPC layer ([`crate::grpc`]) authenticates the
-//! caller and hands each decoded request here; every item succeeds or fails on its own.
+//! The vault process's side of the operations: sealed start (init, unseal, seal, rekey, retire)
+//! with its state file, the status report and the start, stop and refusal records. The data
+//! operations (keys, protect, reveal, re-encryption, re-wrapping) are the core's
+//! (`tessera_vault_core::vault`); the gRPC layer ([`crate::grpc`]) authenticates the caller and
+//! hands each decoded request here.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ring::rand::SystemRandom;
-use std::time::{Duration, Instant};
-
-use tessera_api::data_checks::cvc_valid;
 use tessera_api::vault::{
-    protect_result, reencrypt_result, reveal_result, rewrap_result, CreateKeysRequest, CreateKeysResponse,
-    DataFacts, EchoRequest, EchoResponse, InitRequest, InitResponse, ItemError, KeyPurpose as ProtoPurpose,
-    ProtectItem, ProtectRequest, ProtectResponse, ProtectResult, Protected, ReencryptItem, ReencryptRequest,
-    ReencryptResponse, ReencryptResult, Reencrypted, RekeyRequest, RekeyResponse, RetireMasterKeysResponse,
-    RevealItem, RevealRequest, RevealResponse, RevealResult, Revealed, RewrapKeysRequest, RewrapKeysResponse,
-    RewrapResult, SealResponse, StatusResponse, TokenFormat, UnsealRequest, UnsealResponse, WrappedKey,
+    CreateKeysRequest, CreateKeysResponse, EchoRequest, EchoResponse, InitRequest, InitResponse,
+    ProtectRequest, ProtectResponse, ReencryptRequest, ReencryptResponse, RekeyRequest, RekeyResponse,
+    RetireMasterKeysResponse, RevealRequest, RevealResponse, RewrapKeysRequest, RewrapKeysResponse,
+    SealResponse, StatusResponse, UnsealRequest, UnsealResponse,
 };
-use zeroize::Zeroizing;
+use tessera_vault_core::audit::AuditBatch;
+use tessera_vault_core::audit_key::AuditSigner;
+pub use tessera_vault_core::error::VaultError;
+use tessera_vault_core::keys::MasterKey;
+use tessera_vault_core::vault::{Clock, Vault};
+pub use tessera_vault_core::vault::{VaultLimits, MAX_BATCH_ITEMS};
 
-use crate::audit::{AuditBatch, AuditLog, AuditSigner};
-use crate::card::today_utc;
+use crate::audit::AuditLog;
 use crate::config::Mode;
-use crate::cvc::{CvcError, CvcStore};
 use crate::hardening::{is_debug_build, HardeningReport};
-use crate::keys::{DataKey, FingerprintKey, KeyCache, KeyError, KeyId, KeyPurpose, MasterKey};
-use crate::payload::{DataError, ValidData};
-use crate::record::{open_data, seal_data, NonceSequence, RecordAad, RecordError};
 use crate::sealing::{SealError, SealedStart, Submitted};
-use crate::token::{TokenError, TokenRandom};
-
-/// Most items one request may carry; bounds the work and memory of a single call.
-pub const MAX_BATCH_ITEMS: usize = 10_000;
-
-/// Longest reveal purpose recorded in the audit log.
-const MAX_PURPOSE_BYTES: usize = 128;
-
-/// gRPC status codes used for item and request errors (google.rpc.Code values).
-pub mod code {
-    pub const INVALID_ARGUMENT: i32 = 3;
-    pub const FAILED_PRECONDITION: i32 = 9;
-    pub const PERMISSION_DENIED: i32 = 7;
-    pub const RESOURCE_EXHAUSTED: i32 = 8;
-    pub const NOT_FOUND: i32 = 5;
-    pub const ALREADY_EXISTS: i32 = 6;
-    pub const INTERNAL: i32 = 13;
-    pub const UNAVAILABLE: i32 = 14;
-    pub const DATA_LOSS: i32 = 15;
-}
-
-/// Data operations while no master key is loaded. The gateway maps the reason to its own
-/// UNAVAILABLE/`VAULT_SEALED`.
-const SEALED: VaultError = VaultError::new(
-    code::UNAVAILABLE,
-    "VAULT_SEALED",
-    "the vault is sealed; operators must unseal it",
-);
 
 /// The audit log's caller for what the vault does on its own (start, stop). Client identities
 /// are URIs, so this name cannot be confused with one.
 const SELF: &str = "vault";
-
-/// Card-data operations while the audit log cannot be written: fail closed.
-const AUDIT_UNAVAILABLE: VaultError = VaultError::new(
-    code::UNAVAILABLE,
-    "AUDIT_UNAVAILABLE",
-    "the vault cannot write its audit log; card-data operations are refused (see its log and status)",
-);
-
-impl From<&SealError> for VaultError {
-    fn from(err: &SealError) -> Self {
-        let code = match err {
-            SealError::Malformed
-            | SealError::WrongVault
-            | SealError::InvalidShare
-            | SealError::BadParameters => code::INVALID_ARGUMENT,
-            SealError::DuplicateShare | SealError::AlreadyInitialized => code::ALREADY_EXISTS,
-            SealError::NotInitialized | SealError::AlreadyUnsealed | SealError::SameCustodian => {
-                code::FAILED_PRECONDITION
-            }
-            _ => code::INTERNAL,
-        };
-        VaultError::new(code, err.reason(), err.message())
-    }
-}
-
-/// A whole request refused. The message is fixed text: never card data or key bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VaultError {
-    pub code: i32,
-    pub reason: &'static str,
-    pub message: &'static str,
-}
-
-impl fmt::Display for VaultError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.message, self.reason)
-    }
-}
-
-impl std::error::Error for VaultError {}
-
-impl VaultError {
-    pub const fn new(code: i32, reason: &'static str, message: &'static str) -> Self {
-        Self {
-            code,
-            reason,
-            message,
-        }
-    }
-}
 
 /// What the vault knows about itself, fixed at start.
 #[derive(Debug, Clone)]
@@ -117,17 +36,6 @@ pub struct VaultFacts {
     pub mode: Mode,
     pub master_key_source: &'static str,
     pub hardening: HardeningReport,
-}
-
-/// Bounds of the vault's memory-held state.
-#[derive(Debug, Clone, Copy)]
-pub struct VaultLimits {
-    /// Unwrapped merchant keys kept cached.
-    pub key_cache_capacity: usize,
-    /// How long a CVC is held before it is wiped unused.
-    pub cvc_ttl: Duration,
-    /// Most CVCs held at once.
-    pub cvc_capacity: usize,
 }
 
 /// Where the master key comes from at start.
@@ -143,118 +51,40 @@ pub enum KeySource {
     Sealed(SealedStart),
 }
 
-/// The keys of an unsealed vault: dropped (and wiped) as one on Seal.
-struct Unsealed {
-    /// Wraps and unwraps merchant keys.
-    master: Arc<MasterKey>,
-    /// Master keys a KEK rotation is retiring: they unwrap merchant keys not yet re-wrapped,
-    /// never wrap. Empty outside a rotation.
-    previous: Vec<Arc<MasterKey>>,
-    cache: KeyCache,
-}
+/// The system clock, for the core.
+#[derive(Debug, Clone, Copy)]
+struct SystemClock;
 
-impl Unsealed {
-    fn new(master: Arc<MasterKey>, previous: Vec<Arc<MasterKey>>, capacity: usize) -> Arc<Self> {
-        Arc::new(Unsealed {
-            master,
-            previous,
-            cache: KeyCache::new(capacity),
-        })
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn unix_seconds(&self) -> u64 {
+        // A clock set before 1970 is broken beyond what expiry checks can help with; treating it
+        // as 1970 accepts any unexpired-looking date rather than refusing every card.
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_secs())
+            .unwrap_or(0)
     }
 }
 
-/// The vault: master key and key cache (while unsealed), CVC store, nonce sequence, random
-/// source, audit log.
-pub struct Vault {
-    keys: RwLock<Option<Arc<Unsealed>>>,
+/// The running vault: the core, sealed start, the audit log and what the vault knows about
+/// itself.
+pub struct VaultService {
+    core: Vault,
     sealed_start: Option<SealedStart>,
-    cvcs: CvcStore,
-    nonces: NonceSequence,
-    rng: SystemRandom,
     facts: VaultFacts,
-    limits: VaultLimits,
-    audit: AuditLog,
+    audit: Arc<AuditLog>,
 }
 
-impl fmt::Debug for Vault {
+impl fmt::Debug for VaultService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Vault")
+        f.debug_struct("VaultService")
             .field("facts", &self.facts)
             .finish_non_exhaustive()
     }
-}
-
-fn item_error(code: i32, reason: &str, message: String, field: &str) -> ItemError {
-    ItemError {
-        code,
-        reason: reason.to_owned(),
-        message,
-        field: field.to_owned(),
-    }
-}
-
-impl From<&DataError> for ItemError {
-    fn from(err: &DataError) -> Self {
-        item_error(code::INVALID_ARGUMENT, err.reason(), err.to_string(), err.field())
-    }
-}
-
-impl From<&CvcError> for ItemError {
-    fn from(err: &CvcError) -> Self {
-        item_error(code::RESOURCE_EXHAUSTED, "CVC_STORE_FULL", err.to_string(), "cvc")
-    }
-}
-
-impl From<&KeyError> for ItemError {
-    fn from(err: &KeyError) -> Self {
-        item_error(code::FAILED_PRECONDITION, err.reason(), err.to_string(), "")
-    }
-}
-
-impl From<&RecordError> for ItemError {
-    fn from(err: &RecordError) -> Self {
-        item_error(code::DATA_LOSS, err.reason(), err.to_string(), "")
-    }
-}
-
-impl From<&TokenError> for ItemError {
-    fn from(err: &TokenError) -> Self {
-        item_error(code::INTERNAL, "TOKEN_GENERATION_FAILED", err.to_string(), "")
-    }
-}
-
-/// The wrapped keys of one request, by (merchant, purpose).
-fn index_keys(keys: &[WrappedKey]) -> HashMap<(&str, i32, u32), &WrappedKey> {
-    keys.iter()
-        .map(|key| ((key.merchant_id.as_str(), key.purpose, key.version), key))
-        .collect()
-}
-
-fn newest_key<'a>(
-    keys: &'a [WrappedKey],
-    merchant_id: &str,
-    purpose: ProtoPurpose,
-) -> Option<&'a WrappedKey> {
-    keys.iter()
-        .filter(|key| key.merchant_id == merchant_id && key.purpose == purpose as i32)
-        .max_by_key(|key| key.version)
-}
-
-fn key_id(key: &WrappedKey, purpose: KeyPurpose) -> KeyId {
-    KeyId {
-        merchant_id: key.merchant_id.clone(),
-        purpose,
-        version: key.version,
-    }
-}
-
-fn missing_key(what: &str) -> ItemError {
-    item_error(
-        code::FAILED_PRECONDITION,
-        "KEY_MISSING",
-        format!("the request carries no {what} key for this item's merchant"),
-        "",
-    )
 }
 
 /// The audit public key (hex) that `master` derives, for the seal state file.
@@ -265,104 +95,39 @@ fn audit_public_key_of(master: &MasterKey) -> Result<String, SealError> {
 }
 
 fn signer_for(master: &MasterKey) -> Result<Arc<AuditSigner>, VaultError> {
-    AuditSigner::from_master(master).map(Arc::new).map_err(|_| {
-        VaultError::new(
-            code::INTERNAL,
-            "AUDIT_KEY_FAILED",
-            "the audit signing key could not be derived",
-        )
-    })
+    AuditSigner::from_master(master)
+        .map(Arc::new)
+        .map_err(|_| VaultError::AuditKeyFailed)
 }
 
-impl Vault {
+impl VaultService {
     pub fn new(
         source: KeySource,
         audit: AuditLog,
         limits: VaultLimits,
         facts: VaultFacts,
     ) -> Result<Self, VaultError> {
-        let rng = SystemRandom::new();
-        let nonces = NonceSequence::new(&rng).map_err(|_| {
-            VaultError::new(code::INTERNAL, "RANDOM_FAILED", "the system random source failed")
-        })?;
-        let (keys, sealed_start) = match source {
+        let audit = Arc::new(audit);
+        let core = Vault::new(audit.clone(), Arc::new(SystemClock), limits)?;
+        let sealed_start = match source {
             KeySource::Loaded { master, previous } => {
                 audit.set_signer(Some(signer_for(&master)?));
-                let previous = previous.into_iter().map(Arc::new).collect();
-                let keys = Unsealed::new(Arc::new(master), previous, limits.key_cache_capacity);
-                (Some(keys), None)
+                core.install(Arc::new(master), previous.into_iter().map(Arc::new).collect());
+                None
             }
-            KeySource::Sealed(sealed) => (None, Some(sealed)),
+            KeySource::Sealed(sealed) => Some(sealed),
         };
         Ok(Self {
-            keys: RwLock::new(keys),
+            core,
             sealed_start,
-            cvcs: CvcStore::new(limits.cvc_ttl, limits.cvc_capacity),
-            nonces,
-            rng,
             facts,
-            limits,
             audit,
         })
     }
 
-    /// A data key, from the cache or unwrapped with the current master key or, during a KEK
-    /// rotation, a previous one.
-    fn data_key(&self, unsealed: &Unsealed, id: &KeyId, blob: &[u8]) -> Result<Arc<DataKey>, KeyError> {
-        match unsealed.cache.data_key(&unsealed.master, id, blob) {
-            Err(err) if !unsealed.previous.is_empty() => unsealed
-                .previous
-                .iter()
-                .find_map(|master| unsealed.cache.data_key(master, id, blob).ok())
-                .ok_or(err),
-            other => other,
-        }
-    }
-
-    /// A fingerprint key, like [`Self::data_key`].
-    fn fingerprint_key(
-        &self,
-        unsealed: &Unsealed,
-        id: &KeyId,
-        blob: &[u8],
-    ) -> Result<Arc<FingerprintKey>, KeyError> {
-        match unsealed.cache.fingerprint_key(&unsealed.master, id, blob) {
-            Err(err) if !unsealed.previous.is_empty() => unsealed
-                .previous
-                .iter()
-                .find_map(|master| unsealed.cache.fingerprint_key(master, id, blob).ok())
-                .ok_or(err),
-            other => other,
-        }
-    }
-
-    /// Makes `master` (with `previous` for unwrapping only) the vault's keys, with an empty key
-    /// cache. Calls in flight finish with the keys they started with.
-    fn install(&self, master: Arc<MasterKey>, previous: Vec<Arc<MasterKey>>) {
-        *self.keys.write().unwrap_or_else(PoisonError::into_inner) =
-            Some(Unsealed::new(master, previous, self.limits.key_cache_capacity));
-    }
-
-    /// The loaded keys, or `VAULT_SEALED`.
-    fn unsealed(&self) -> Result<Arc<Unsealed>, VaultError> {
-        // The guarded value is one `Option` replaced whole; a panic cannot leave it torn.
-        self.keys
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .ok_or(SEALED)
-    }
-
-    /// The prologue of every card-data or key operation: unsealed, and the audit log writable.
-    fn ready(&self) -> Result<Arc<Unsealed>, VaultError> {
-        let keys = self.unsealed()?;
-        self.audit.check().map_err(|_| AUDIT_UNAVAILABLE)?;
-        Ok(keys)
-    }
-
     /// Writes a call's audit records; on failure the call's result must not be handed out.
     fn commit(&self, batch: &AuditBatch) -> Result<(), VaultError> {
-        self.audit.append(batch).map_err(|_| AUDIT_UNAVAILABLE)
+        self.core.commit(batch)
     }
 
     /// The first audit record of a run: how the vault started and how the last run left the log.
@@ -403,545 +168,53 @@ impl Vault {
 
     /// Wipes CVCs whose time ran out; the server calls this periodically.
     pub fn purge_expired_cvcs(&self) -> usize {
-        self.cvcs.purge_expired(Instant::now())
+        self.core.purge_expired_cvcs()
     }
 
-    /// Creates a merchant's data and fingerprint keys; only their wrapped blobs leave.
+    /// See [`Vault::create_keys`].
     pub fn create_keys(
         &self,
         caller: &str,
         request: &CreateKeysRequest,
     ) -> Result<CreateKeysResponse, VaultError> {
-        let keys = self.ready()?;
-        if request.merchant_id.is_empty() || request.merchant_id.len() > 64 {
-            return Err(VaultError::new(
-                code::INVALID_ARGUMENT,
-                "INVALID_MERCHANT_ID",
-                "merchant_id must be 1 to 64 bytes",
-            ));
-        }
-        // A fingerprint-key version of 0 asks for a data key alone (a data-key rotation keeps
-        // the fingerprint key, so fingerprints stay comparable).
-        if request.data_key_version == 0 {
-            return Err(VaultError::new(
-                code::INVALID_ARGUMENT,
-                "INVALID_KEY_VERSION",
-                "key versions start at 1",
-            ));
-        }
-        let create = |purpose: KeyPurpose, proto: ProtoPurpose, version: u32| {
-            let id = KeyId {
-                merchant_id: request.merchant_id.clone(),
-                purpose,
-                version,
-            };
-            let blob = keys.master.create_key(&id, &self.rng).map_err(|_| {
-                VaultError::new(
-                    code::INTERNAL,
-                    "KEY_CREATION_FAILED",
-                    "the key could not be created",
-                )
-            })?;
-            Ok::<_, VaultError>(WrappedKey {
-                merchant_id: id.merchant_id,
-                purpose: proto as i32,
-                version,
-                blob,
-            })
-        };
-        let data_key = create(KeyPurpose::Data, ProtoPurpose::Data, request.data_key_version)?;
-        let fingerprint_key = match request.fingerprint_key_version {
-            0 => None,
-            version => Some(create(
-                KeyPurpose::Fingerprint,
-                ProtoPurpose::Fingerprint,
-                version,
-            )?),
-        };
-        let mut batch = self.audit.batch(caller);
-        batch.record(
-            "create-keys",
-            "ok",
-            &[
-                ("merchant", &request.merchant_id),
-                ("data_key_version", &request.data_key_version.to_string()),
-                (
-                    "fingerprint_key_version",
-                    &fingerprint_key
-                        .as_ref()
-                        .map_or(String::new(), |key| key.version.to_string()),
-                ),
-            ],
-        );
-        self.commit(&batch)?;
-        tracing::info!(merchant_id = %request.merchant_id, "created merchant keys");
-        Ok(CreateKeysResponse {
-            data_key: Some(data_key),
-            fingerprint_key,
-        })
+        self.core.create_keys(caller, request)
     }
 
-    /// Validates, tokenizes, fingerprints and seals each item.
+    /// See [`Vault::protect`].
     pub fn protect(&self, caller: &str, request: &ProtectRequest) -> Result<ProtectResponse, VaultError> {
-        check_batch(request.items.len())?;
-        let keys = self.ready()?;
-        let mut batch = self.audit.batch(caller);
-        let mut random = TokenRandom::for_batch(&self.rng, request.items.len()).map_err(|_| {
-            VaultError::new(code::INTERNAL, "RANDOM_FAILED", "the system random source failed")
-        })?;
-        let today = today_utc();
-        let results = request
-            .items
-            .iter()
-            .map(|item| {
-                let result = match self.protect_item(&keys, &request.keys, item, &mut random, today) {
-                    Ok(protected) => {
-                        let data = protected
-                            .facts
-                            .as_ref()
-                            .map_or("", |facts| facts.data_type.as_str());
-                        batch.record(
-                            "protect",
-                            "ok",
-                            &[
-                                ("merchant", &item.merchant_id),
-                                ("token", &protected.token),
-                                ("data", data),
-                                ("cvc", if protected.holds_cvc { "held" } else { "" }),
-                            ],
-                        );
-                        protect_result::Result::Protected(protected)
-                    }
-                    Err(error) => {
-                        batch.record("protect", &error.reason, &[("merchant", &item.merchant_id)]);
-                        protect_result::Result::Error(error)
-                    }
-                };
-                ProtectResult { result: Some(result) }
-            })
-            .collect();
-        self.commit(&batch)?;
-        Ok(ProtectResponse { results })
+        self.core.protect(caller, request)
     }
 
-    fn protect_item(
-        &self,
-        unsealed: &Unsealed,
-        keys: &[WrappedKey],
-        item: &ProtectItem,
-        random: &mut TokenRandom,
-        today: (u32, u32),
-    ) -> Result<Protected, ItemError> {
-        let cvc = Zeroizing::new(item.cvc.clone());
-        if !cvc.is_empty() && !cvc_valid(&cvc) {
-            return Err(item_error(
-                code::INVALID_ARGUMENT,
-                "INVALID_CVC",
-                "cvc must be 3 or 4 digits".into(),
-                "cvc",
-            ));
-        }
-        let data = match &item.data {
-            Some(data) => Some(ValidData::from_proto(data, today).map_err(|err| ItemError::from(&err))?),
-            None if !cvc.is_empty() => None,
-            None => return Err(ItemError::from(&DataError::Missing)),
-        };
-        let format = TokenFormat::try_from(item.format).map_err(|_| {
-            item_error(
-                code::INVALID_ARGUMENT,
-                "INVALID_FORMAT",
-                "unknown token format".into(),
-                "format",
-            )
-        })?;
-        let token = match (format, data.as_ref().and_then(ValidData::card)) {
-            (TokenFormat::FormatPreserving, Some(card)) => random.next_format_preserving(&card.pan),
-            (TokenFormat::FormatPreserving, None) => {
-                return Err(item_error(
-                    code::INVALID_ARGUMENT,
-                    "INVALID_FORMAT",
-                    "format-preserving tokens are only for cards".into(),
-                    "format",
-                ))
-            }
-            (TokenFormat::Opaque | TokenFormat::Unspecified, _) => random.next_opaque(),
-        }
-        .map_err(|err| ItemError::from(&err))?;
-        let mut protected = match &data {
-            Some(data) => self.seal_item(unsealed, keys, &item.merchant_id, &token, data)?,
-            // A CVC-only token: nothing is sealed or stored, the CVC lives in memory only.
-            None => Protected {
-                token: token.clone(),
-                facts: Some(DataFacts {
-                    data_type: "cvc".into(),
-                    ..DataFacts::default()
-                }),
-                ..Protected::default()
-            },
-        };
-        if !cvc.is_empty() {
-            self.cvcs
-                .put(&item.merchant_id, &token, cvc, Instant::now())
-                .map_err(|err| ItemError::from(&err))?;
-            protected.holds_cvc = true;
-        }
-        Ok(protected)
-    }
-
-    fn seal_item(
-        &self,
-        unsealed: &Unsealed,
-        keys: &[WrappedKey],
-        merchant_id: &str,
-        token: &str,
-        data: &ValidData,
-    ) -> Result<Protected, ItemError> {
-        let wrapped_data =
-            newest_key(keys, merchant_id, ProtoPurpose::Data).ok_or_else(|| missing_key("data"))?;
-        let wrapped_fingerprint = newest_key(keys, merchant_id, ProtoPurpose::Fingerprint)
-            .ok_or_else(|| missing_key("fingerprint"))?;
-        let data_key = self
-            .data_key(
-                unsealed,
-                &key_id(wrapped_data, KeyPurpose::Data),
-                &wrapped_data.blob,
-            )
-            .map_err(|err| ItemError::from(&err))?;
-        let fingerprint_key = self
-            .fingerprint_key(
-                unsealed,
-                &key_id(wrapped_fingerprint, KeyPurpose::Fingerprint),
-                &wrapped_fingerprint.blob,
-            )
-            .map_err(|err| ItemError::from(&err))?;
-        let aad = RecordAad {
-            merchant_id,
-            token,
-            key_version: wrapped_data.version,
-        };
-        let ciphertext = seal_data(&data_key, &self.nonces, &aad, &data.to_proto())
-            .map_err(|err| ItemError::from(&err))?;
-        Ok(Protected {
-            token: token.to_owned(),
-            ciphertext,
-            data_key_version: wrapped_data.version,
-            fingerprint: data.fingerprint(&fingerprint_key).to_vec(),
-            fingerprint_key_version: wrapped_fingerprint.version,
-            facts: Some(data.facts()),
-            holds_cvc: false,
-        })
-    }
-
-    /// Opens each record and returns its card data.
+    /// See [`Vault::reveal`].
     pub fn reveal(&self, caller: &str, request: &RevealRequest) -> Result<RevealResponse, VaultError> {
-        check_batch(request.items.len())?;
-        let unsealed = self.ready()?;
-        let keys = index_keys(&request.keys);
-        let mut batch = self.audit.batch(caller);
-        let results = request
-            .items
-            .iter()
-            .map(|item| {
-                let outcome = self.reveal_item(&unsealed, &keys, item);
-                let (result, cvc) = match &outcome {
-                    Ok(revealed) => ("ok", if revealed.cvc.is_empty() { "" } else { "revealed" }),
-                    Err(error) => (error.reason.as_str(), ""),
-                };
-                let version = if item.ciphertext.is_empty() {
-                    String::new()
-                } else {
-                    item.data_key_version.to_string()
-                };
-                batch.record(
-                    "reveal",
-                    result,
-                    &[
-                        ("merchant", &item.merchant_id),
-                        ("token", &item.token),
-                        ("cvc_token", &item.cvc_token),
-                        ("data_key_version", &version),
-                        ("cvc", cvc),
-                        ("purpose", &item.purpose),
-                    ],
-                );
-                let result = match outcome {
-                    Ok(revealed) => reveal_result::Result::Revealed(revealed),
-                    Err(error) => reveal_result::Result::Error(error),
-                };
-                RevealResult { result: Some(result) }
-            })
-            .collect();
-        self.commit(&batch)?;
-        Ok(RevealResponse { results })
+        self.core.reveal(caller, request)
     }
 
-    fn reveal_item(
-        &self,
-        unsealed: &Unsealed,
-        keys: &HashMap<(&str, i32, u32), &WrappedKey>,
-        item: &RevealItem,
-    ) -> Result<Revealed, ItemError> {
-        if item.purpose.len() > MAX_PURPOSE_BYTES {
-            return Err(item_error(
-                code::INVALID_ARGUMENT,
-                "INVALID_PURPOSE",
-                format!("purpose is at most {MAX_PURPOSE_BYTES} bytes"),
-                "purpose",
-            ));
-        }
-        let data = if item.ciphertext.is_empty() {
-            None
-        } else {
-            let wrapped = keys
-                .get(&(
-                    item.merchant_id.as_str(),
-                    ProtoPurpose::Data as i32,
-                    item.data_key_version,
-                ))
-                .ok_or_else(|| missing_key("data"))?;
-            let data_key = self
-                .data_key(unsealed, &key_id(wrapped, KeyPurpose::Data), &wrapped.blob)
-                .map_err(|err| ItemError::from(&err))?;
-            let aad = RecordAad {
-                merchant_id: &item.merchant_id,
-                token: &item.token,
-                key_version: item.data_key_version,
-            };
-            Some(open_data(&data_key, &aad, &item.ciphertext).map_err(|err| {
-                tracing::warn!(merchant_id = %item.merchant_id, token = %item.token, "record failed its integrity check");
-                ItemError::from(&err)
-            })?)
-        };
-        // The CVC is taken only once the record opened: a failed reveal must not burn it.
-        let cvc = if item.cvc_token.is_empty() {
-            Zeroizing::new(String::new())
-        } else {
-            self.cvcs
-                .take(&item.merchant_id, &item.cvc_token, Instant::now())
-                .ok_or_else(|| {
-                    item_error(
-                        code::NOT_FOUND,
-                        "CVC_UNAVAILABLE",
-                        "no CVC is held for that token: it was used, expired, or never given".into(),
-                        "cvc_token",
-                    )
-                })?
-        };
-        if data.is_none() && cvc.is_empty() {
-            return Err(item_error(
-                code::INVALID_ARGUMENT,
-                "MISSING_FIELD",
-                "nothing to reveal".into(),
-                "ciphertext",
-            ));
-        }
-        Ok(Revealed {
-            data,
-            cvc: cvc.as_str().to_owned(),
-        })
-    }
-
-    /// Key rotation: opens each record under its old data key and seals it under the new one.
-    /// One audit record per item names merchant, token and both versions.
+    /// See [`Vault::reencrypt`].
     pub fn reencrypt(
         &self,
         caller: &str,
         request: &ReencryptRequest,
     ) -> Result<ReencryptResponse, VaultError> {
-        check_batch(request.items.len())?;
-        let unsealed = self.ready()?;
-        let keys = index_keys(&request.keys);
-        let mut batch = self.audit.batch(caller);
-        let results = request
-            .items
-            .iter()
-            .map(|item| {
-                let outcome = self.reencrypt_item(&unsealed, &keys, item);
-                let result = match &outcome {
-                    Ok(_) => "ok",
-                    Err(error) => error.reason.as_str(),
-                };
-                batch.record(
-                    "reencrypt",
-                    result,
-                    &[
-                        ("merchant", &item.merchant_id),
-                        ("token", &item.token),
-                        ("from_version", &item.from_version.to_string()),
-                        ("to_version", &item.to_version.to_string()),
-                    ],
-                );
-                let result = match outcome {
-                    Ok(reencrypted) => reencrypt_result::Result::Reencrypted(reencrypted),
-                    Err(error) => reencrypt_result::Result::Error(error),
-                };
-                ReencryptResult { result: Some(result) }
-            })
-            .collect();
-        self.commit(&batch)?;
-        Ok(ReencryptResponse { results })
+        self.core.reencrypt(caller, request)
     }
 
-    fn reencrypt_item(
-        &self,
-        unsealed: &Unsealed,
-        keys: &HashMap<(&str, i32, u32), &WrappedKey>,
-        item: &ReencryptItem,
-    ) -> Result<Reencrypted, ItemError> {
-        if item.to_version <= item.from_version {
-            return Err(item_error(
-                code::INVALID_ARGUMENT,
-                "INVALID_KEY_VERSION",
-                "a record is re-encrypted only to a newer key version".into(),
-                "to_version",
-            ));
-        }
-        let wrapped = |version: u32| {
-            keys.get(&(item.merchant_id.as_str(), ProtoPurpose::Data as i32, version))
-                .copied()
-                .ok_or_else(|| missing_key("data"))
-        };
-        let (old, new) = (wrapped(item.from_version)?, wrapped(item.to_version)?);
-        let old_key = self
-            .data_key(unsealed, &key_id(old, KeyPurpose::Data), &old.blob)
-            .map_err(|err| ItemError::from(&err))?;
-        let new_key = self
-            .data_key(unsealed, &key_id(new, KeyPurpose::Data), &new.blob)
-            .map_err(|err| ItemError::from(&err))?;
-        let old_aad = RecordAad {
-            merchant_id: &item.merchant_id,
-            token: &item.token,
-            key_version: item.from_version,
-        };
-        let data = open_data(&old_key, &old_aad, &item.ciphertext).map_err(|err| {
-            tracing::warn!(merchant_id = %item.merchant_id, token = %item.token, "record failed its integrity check during re-encryption");
-            ItemError::from(&err)
-        })?;
-        let new_aad = RecordAad {
-            key_version: item.to_version,
-            ..old_aad
-        };
-        let ciphertext =
-            seal_data(&new_key, &self.nonces, &new_aad, &data).map_err(|err| ItemError::from(&err))?;
-        Ok(Reencrypted {
-            ciphertext,
-            data_key_version: item.to_version,
-        })
-    }
-
-    /// KEK rotation: unwraps each key with any master key held (current first) and wraps it
-    /// with the current one. One audit record per key names it and both master key check values.
+    /// See [`Vault::rewrap_keys`].
     pub fn rewrap_keys(
         &self,
         caller: &str,
         request: &RewrapKeysRequest,
     ) -> Result<RewrapKeysResponse, VaultError> {
-        check_batch(request.keys.len())?;
-        let unsealed = self.ready()?;
-        let current = unsealed.master.key_check_value();
-        let mut batch = self.audit.batch(caller);
-        let results = request
-            .keys
-            .iter()
-            .map(|wrapped| {
-                let outcome = self.rewrap_key(&unsealed, wrapped);
-                let (result, from) = match &outcome {
-                    Ok((_, from)) => ("ok", from.as_str()),
-                    Err(error) => (error.reason.as_str(), ""),
-                };
-                let purpose = match ProtoPurpose::try_from(wrapped.purpose) {
-                    Ok(ProtoPurpose::Data) => "data",
-                    Ok(ProtoPurpose::Fingerprint) => "fingerprint",
-                    _ => "",
-                };
-                batch.record(
-                    "rewrap-key",
-                    result,
-                    &[
-                        ("merchant", &wrapped.merchant_id),
-                        ("purpose", purpose),
-                        ("version", &wrapped.version.to_string()),
-                        ("from_kcv", from),
-                        ("to_kcv", &current),
-                    ],
-                );
-                let result = match outcome {
-                    Ok((key, _)) => rewrap_result::Result::Key(key),
-                    Err(error) => rewrap_result::Result::Error(error),
-                };
-                RewrapResult { result: Some(result) }
-            })
-            .collect();
-        self.commit(&batch)?;
-        Ok(RewrapKeysResponse {
-            results,
-            master_key_check_value: current,
-        })
+        self.core.rewrap_keys(caller, request)
     }
 
-    fn rewrap_key(
-        &self,
-        unsealed: &Unsealed,
-        wrapped: &WrappedKey,
-    ) -> Result<(WrappedKey, String), ItemError> {
-        let purpose = match ProtoPurpose::try_from(wrapped.purpose) {
-            Ok(ProtoPurpose::Data) => KeyPurpose::Data,
-            Ok(ProtoPurpose::Fingerprint) => KeyPurpose::Fingerprint,
-            _ => {
-                return Err(item_error(
-                    code::INVALID_ARGUMENT,
-                    "INVALID_KEY_PURPOSE",
-                    "the key's purpose must be data or fingerprint".into(),
-                    "purpose",
-                ))
-            }
-        };
-        let id = key_id(wrapped, purpose);
-        let (key, from) = std::iter::once(&unsealed.master)
-            .chain(&unsealed.previous)
-            .find_map(|master| {
-                master
-                    .unwrap(&id, &wrapped.blob)
-                    .ok()
-                    .map(|key| (key, master.key_check_value()))
-            })
-            .ok_or_else(|| {
-                item_error(
-                    code::FAILED_PRECONDITION,
-                    "KEY_UNWRAP_FAILED",
-                    "no master key this vault holds unwraps this key".into(),
-                    "",
-                )
-            })?;
-        let blob = unsealed
-            .master
-            .wrap(&id, &key, &self.rng)
-            .map_err(|err| ItemError::from(&err))?;
-        Ok((
-            WrappedKey {
-                merchant_id: wrapped.merchant_id.clone(),
-                purpose: wrapped.purpose,
-                version: wrapped.version,
-                blob,
-            },
-            from,
-        ))
-    }
-
-    /// Answers the floor benchmark's echo at once (refused while sealed, like every data call).
+    /// See [`Vault::echo`].
     pub fn echo(&self, request: &EchoRequest) -> Result<EchoResponse, VaultError> {
-        self.unsealed()?;
-        Ok(EchoResponse {
-            payload: request.payload.clone(),
-        })
+        self.core.echo(request)
     }
 
     fn sealed_start(&self) -> Result<&SealedStart, VaultError> {
-        self.sealed_start.as_ref().ok_or(VaultError::new(
-            code::FAILED_PRECONDITION,
-            "NOT_A_SEALED_VAULT",
-            "this vault does not use a sealed start ([master_key] source = \"sealed\")",
-        ))
+        self.sealed_start.as_ref().ok_or(VaultError::NotASealedVault)
     }
 
     /// Creates the master key of a sealed vault and returns its shares, once. The vault stays
@@ -949,8 +222,13 @@ impl Vault {
     /// encrypted under the key.
     pub fn init(&self, caller: &str, request: &InitRequest) -> Result<InitResponse, VaultError> {
         let sealed = self.sealed_start()?;
-        self.audit.check().map_err(|_| AUDIT_UNAVAILABLE)?;
-        let outcome = sealed.initialize(request.shares, request.threshold, &self.rng, audit_public_key_of);
+        self.audit.check().map_err(|_| VaultError::AuditUnavailable)?;
+        let outcome = sealed.initialize(
+            request.shares,
+            request.threshold,
+            self.core.rng(),
+            audit_public_key_of,
+        );
         let mut batch = self.audit.batch(caller);
         let shares = request.shares.to_string();
         let threshold = request.threshold.to_string();
@@ -997,7 +275,7 @@ impl Vault {
                     &[("shares", &shares), ("threshold", &threshold)],
                 );
                 let _ = self.commit(&batch);
-                Err(VaultError::from(&err))
+                Err(VaultError::Seal(err))
             }
         }
     }
@@ -1005,10 +283,10 @@ impl Vault {
     /// Takes one custodian's share; unseals when the threshold is reached.
     pub fn unseal(&self, caller: &str, request: &UnsealRequest) -> Result<UnsealResponse, VaultError> {
         let sealed = self.sealed_start()?;
-        if self.unsealed().is_ok() {
-            return Err(VaultError::from(&SealError::AlreadyUnsealed));
+        if self.core.unsealed().is_ok() {
+            return Err(VaultError::Seal(SealError::AlreadyUnsealed));
         }
-        self.audit.check().map_err(|_| AUDIT_UNAVAILABLE)?;
+        self.audit.check().map_err(|_| VaultError::AuditUnavailable)?;
         let mut batch = self.audit.batch(caller);
         let outcome = sealed.submit(caller, &request.share);
         let status = sealed.status();
@@ -1046,7 +324,8 @@ impl Vault {
             }) => {
                 let signer = signer_for(&key)?;
                 let kcv = key.key_check_value();
-                self.install(Arc::new(key), previous.into_iter().map(Arc::new).collect());
+                self.core
+                    .install(Arc::new(key), previous.into_iter().map(Arc::new).collect());
                 let progress = format!("{threshold}/{threshold}");
                 batch.record(
                     "unseal-share",
@@ -1080,7 +359,7 @@ impl Vault {
                     progress = status.progress,
                     "key share refused"
                 );
-                Err(VaultError::from(&err))
+                Err(VaultError::Seal(err))
             }
         }
     }
@@ -1090,18 +369,9 @@ impl Vault {
     /// reduces what the vault can do.
     pub fn seal(&self, caller: &str) -> Result<SealResponse, VaultError> {
         let sealed = self.sealed_start()?;
-        let previous = self.keys.write().unwrap_or_else(PoisonError::into_inner).take();
+        let previous = self.core.take_keys();
         sealed.reset();
-        // No clear() on the CVC store: purging as of a moment past the longest TTL wipes all.
-        let far = Instant::now()
-            .checked_add(
-                self.limits
-                    .cvc_ttl
-                    .saturating_mul(2)
-                    .saturating_add(Duration::from_secs(1)),
-            )
-            .unwrap_or_else(Instant::now);
-        let wiped = self.cvcs.purge_expired(far);
+        let wiped = self.core.wipe_cvcs();
         let mut batch = self.audit.batch(caller);
         let outcome = if previous.is_some() {
             "ok"
@@ -1124,17 +394,17 @@ impl Vault {
     /// record the old audit key signs.
     pub fn rekey(&self, caller: &str, request: &RekeyRequest) -> Result<RekeyResponse, VaultError> {
         let sealed = self.sealed_start()?;
-        let current = self.ready()?;
+        let current = self.core.ready()?;
         let mut batch = self.audit.batch(caller);
-        let from_kcv = current.master.key_check_value();
+        let from_kcv = current.master().key_check_value();
         let shares = request.shares.to_string();
         let threshold = request.threshold.to_string();
         let outcome = sealed.rekey(
-            &current.master,
-            &current.previous.iter().map(Arc::as_ref).collect::<Vec<_>>(),
+            current.master(),
+            &current.previous().iter().map(Arc::as_ref).collect::<Vec<_>>(),
             request.shares,
             request.threshold,
-            &self.rng,
+            self.core.rng(),
             audit_public_key_of,
         );
         let (initialized, master) = match outcome {
@@ -1153,7 +423,7 @@ impl Vault {
                     ],
                 );
                 let _ = self.commit(&batch);
-                return Err(VaultError::from(&err));
+                return Err(VaultError::Seal(err));
             }
         };
         let signer = signer_for(&master)?;
@@ -1174,9 +444,9 @@ impl Vault {
         if self.commit(&batch).is_err() {
             tracing::error!("the rekey record could not be written to the audit log");
         }
-        let mut previous = vec![Arc::clone(&current.master)];
-        previous.extend(current.previous.iter().cloned());
-        self.install(Arc::new(master), previous);
+        let mut previous = vec![Arc::clone(current.master())];
+        previous.extend(current.previous().iter().cloned());
+        self.core.install(Arc::new(master), previous);
         // The old audit key signs the block holding the rekey record (which names the new audit
         // key) before the new one takes over: a verifier follows the chain of keys.
         self.audit.set_signer(Some(signer));
@@ -1208,12 +478,12 @@ impl Vault {
     /// after `RewrapKeys` has moved every one.
     pub fn retire_master_keys(&self, caller: &str) -> Result<RetireMasterKeysResponse, VaultError> {
         let sealed = self.sealed_start()?;
-        let current = self.ready()?;
+        let current = self.core.ready()?;
         let mut batch = self.audit.batch(caller);
-        let kcv = current.master.key_check_value();
-        match sealed.retire(&current.master) {
+        let kcv = current.master().key_check_value();
+        match sealed.retire(current.master()) {
             Ok(retired) => {
-                self.install(Arc::clone(&current.master), Vec::new());
+                self.core.install(Arc::clone(current.master()), Vec::new());
                 batch.record(
                     "retire-master-keys",
                     "ok",
@@ -1228,7 +498,7 @@ impl Vault {
             Err(err) => {
                 batch.record("retire-master-keys", err.reason(), &[("kcv", &kcv)]);
                 let _ = self.commit(&batch);
-                Err(VaultError::from(&err))
+                Err(VaultError::Seal(err))
             }
         }
     }
@@ -1236,7 +506,7 @@ impl Vault {
     /// The vault's key, seal, audit and hardening state, for operators.
     pub fn status(&self) -> StatusResponse {
         let hardening = &self.facts.hardening;
-        let keys = self.unsealed().ok();
+        let keys = self.core.unsealed().ok();
         let seal = self
             .sealed_start
             .as_ref()
@@ -1254,12 +524,12 @@ impl Vault {
             debug_build: is_debug_build(),
             cached_keys: keys
                 .as_ref()
-                .map_or(0, |keys| u32::try_from(keys.cache.len()).unwrap_or(u32::MAX)),
+                .map_or(0, |keys| u32::try_from(keys.cached_keys()).unwrap_or(u32::MAX)),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             master_key_check_value: keys
                 .as_ref()
-                .map_or(seal.key_check_value, |keys| keys.master.key_check_value()),
-            held_cvcs: u32::try_from(self.cvcs.len()).unwrap_or(u32::MAX),
+                .map_or(seal.key_check_value, |keys| keys.master().key_check_value()),
+            held_cvcs: u32::try_from(self.core.held_cvcs()).unwrap_or(u32::MAX),
             sealed: keys.is_none(),
             initialized: seal.initialized || self.sealed_start.is_none(),
             unseal_progress: seal.progress,
@@ -1277,22 +547,11 @@ impl Vault {
                 audit.public_key
             },
             retiring_key_check_values: keys.as_ref().map_or_else(Vec::new, |keys| {
-                keys.previous.iter().map(|key| key.key_check_value()).collect()
+                keys.previous().iter().map(|key| key.key_check_value()).collect()
             }),
         }
     }
 }
 
-fn check_batch(items: usize) -> Result<(), VaultError> {
-    if items > MAX_BATCH_ITEMS {
-        return Err(VaultError::new(
-            code::INVALID_ARGUMENT,
-            "BATCH_TOO_LARGE",
-            "a request carries at most 10000 items",
-        ));
-    }
-    Ok(())
-}
-
 /// Shared handle used by the server.
-pub type SharedVault = Arc<Vault>;
+pub type SharedVault = Arc<VaultService>;

@@ -9,18 +9,16 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message;
-use ring::aead::{Aad, Nonce, NONCE_LEN};
-use ring::rand::SecureRandom;
 use zeroize::Zeroizing;
 
 use tessera_api::vault::{secret_data, SecretData};
 
 use crate::card::ValidCard;
+use crate::crypto::{Random, NONCE_LEN, TAG_LEN};
 use crate::keys::{length_prefixed, DataKey};
 
 /// First byte of a sealed record, so the format can change without guessing.
 const RECORD_FORMAT_V1: u8 = 0x01;
-const TAG_LEN: usize = 16;
 /// The smallest sealed record: format byte, nonce and tag around an empty plaintext.
 const MIN_SEALED_LEN: usize = 1 + NONCE_LEN + TAG_LEN;
 const RECORD_LABEL: &[u8] = b"tessera/record/v1";
@@ -44,7 +42,7 @@ pub struct NonceSequence {
 
 impl NonceSequence {
     /// A new sequence with its prefix and starting point drawn once from `rng`.
-    pub fn new(rng: &dyn SecureRandom) -> Result<NonceSequence, RecordError> {
+    pub fn new(rng: &Random) -> Result<NonceSequence, RecordError> {
         let mut seed = [0u8; 12];
         rng.fill(&mut seed).map_err(|_| RecordError::Random)?;
         let [p0, p1, p2, p3, start @ ..] = seed;
@@ -121,13 +119,9 @@ impl DataKey {
         let (_, in_out) = out.split_at_mut_checked(1 + NONCE_LEN).ok_or(RecordError::Seal)?;
         let tag = self
             .cipher
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad.encode()),
-                in_out,
-            )
+            .seal_in_place(nonce, &aad.encode(), in_out)
             .map_err(|_| RecordError::Seal)?;
-        out.extend_from_slice(tag.as_ref());
+        out.extend_from_slice(&tag);
         Ok(std::mem::take(&mut *out))
     }
 
@@ -141,11 +135,11 @@ impl DataKey {
             return Err(RecordError::Format);
         }
         let (nonce, ciphertext) = rest.split_at_checked(NONCE_LEN).ok_or(RecordError::Truncated)?;
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| RecordError::Truncated)?;
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| RecordError::Truncated)?;
         let mut buffer = Zeroizing::new(ciphertext.to_vec());
         let plain_len = self
             .cipher
-            .open_in_place(nonce, Aad::from(aad.encode()), buffer.as_mut_slice())
+            .open_in_place(nonce, &aad.encode(), buffer.as_mut_slice())
             .map_err(|_| RecordError::Integrity)?
             .len();
         // Shrinking only moves the length; the tag bytes left in capacity are wiped with the
@@ -281,8 +275,8 @@ mod tests {
     )]
 
     use super::*;
+    use crate::crypto::Random;
     use crate::keys::{SecretKey, KEY_LEN};
-    use ring::rand::SystemRandom;
 
     fn key(byte: u8) -> DataKey {
         DataKey::new(SecretKey::from_bytes(Zeroizing::new([byte; KEY_LEN]))).unwrap()
@@ -296,7 +290,7 @@ mod tests {
 
     #[test]
     fn seal_open_round_trip() {
-        let nonces = NonceSequence::new(&SystemRandom::new()).unwrap();
+        let nonces = NonceSequence::new(&Random::system()).unwrap();
         let key = key(1);
         for plaintext in [&b""[..], b"x", &[0xff; 1000]] {
             let sealed = key.seal(&nonces, &AAD, plaintext).unwrap();
@@ -308,7 +302,7 @@ mod tests {
 
     #[test]
     fn open_refuses_other_bindings_keys_and_damage() {
-        let nonces = NonceSequence::new(&SystemRandom::new()).unwrap();
+        let nonces = NonceSequence::new(&Random::system()).unwrap();
         let key = key(1);
         let sealed = key.seal(&nonces, &AAD, b"secret").unwrap();
         for aad in [
@@ -363,8 +357,8 @@ mod tests {
             RecordError::NoncesExhausted
         );
 
-        let a = NonceSequence::new(&SystemRandom::new()).unwrap();
-        let b = NonceSequence::new(&SystemRandom::new()).unwrap();
+        let a = NonceSequence::new(&Random::system()).unwrap();
+        let b = NonceSequence::new(&Random::system()).unwrap();
         let (x, y) = (a.next().unwrap(), a.next().unwrap());
         assert_ne!(x, y);
         assert_ne!(x[..4], b.next().unwrap()[..4]);
@@ -373,7 +367,7 @@ mod tests {
 
     #[test]
     fn card_round_trip() {
-        let nonces = NonceSequence::new(&SystemRandom::new()).unwrap();
+        let nonces = NonceSequence::new(&Random::system()).unwrap();
         let key = key(3);
         let input = tessera_api::vault::Card {
             number: "5555 5555 5555 4444".into(),

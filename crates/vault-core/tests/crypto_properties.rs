@@ -8,11 +8,11 @@
 )]
 
 use proptest::prelude::*;
-use ring::rand::SystemRandom;
-use tessera_vault::card::{luhn_valid, Pan};
-use tessera_vault::keys::{DataKey, FingerprintKey, KeyId, KeyPurpose, MasterKey, SecretKey};
-use tessera_vault::record::{NonceSequence, RecordAad, RecordError};
-use tessera_vault::token::{is_format_preserving_token, is_opaque_token, TokenRandom, OPAQUE_PREFIX};
+use tessera_vault_core::card::{luhn_valid, Pan};
+use tessera_vault_core::crypto::Random;
+use tessera_vault_core::keys::{DataKey, FingerprintKey, KeyId, KeyPurpose, MasterKey, SecretKey};
+use tessera_vault_core::record::{NonceSequence, RecordAad, RecordError};
+use tessera_vault_core::token::{is_format_preserving_token, is_opaque_token, TokenRandom, OPAQUE_PREFIX};
 use zeroize::Zeroizing;
 
 fn secret(bytes: [u8; 32]) -> SecretKey {
@@ -33,7 +33,7 @@ fn key_id() -> impl Strategy<Value = KeyId> {
 
 /// Two keys are the same key if what one seals the other opens, and they fingerprint alike.
 fn same_key(a: SecretKey, b: SecretKey, a_copy: SecretKey, b_copy: SecretKey) -> bool {
-    let nonces = NonceSequence::new(&SystemRandom::new()).unwrap();
+    let nonces = NonceSequence::new(&Random::system()).unwrap();
     let aad = RecordAad {
         merchant_id: "m",
         token: "t",
@@ -74,7 +74,7 @@ fn record_aad() -> impl Strategy<Value = (String, String, u32)> {
 proptest! {
     #[test]
     fn wrap_then_unwrap_returns_the_key(master in any::<[u8; 32]>(), key in any::<[u8; 32]>(), id in key_id()) {
-        let rng = SystemRandom::new();
+        let rng = Random::system();
         let master = MasterKey::new(secret(master));
         let blob = master.wrap(&id, &secret(key), &rng).unwrap();
         let unwrapped = master.unwrap(&id, &blob).unwrap();
@@ -89,7 +89,7 @@ proptest! {
         other_merchant in ".{0,40}",
         other_version in any::<u32>(),
     ) {
-        let rng = SystemRandom::new();
+        let rng = Random::system();
         let master = MasterKey::new(secret(master));
         let blob = master.create_key(&id, &rng).unwrap();
         prop_assert!(master.unwrap(&id, &blob).is_ok());
@@ -116,7 +116,7 @@ proptest! {
         (merchant, token, version) in record_aad(),
     ) {
         let key = DataKey::new(secret(key)).unwrap();
-        let nonces = NonceSequence::new(&SystemRandom::new()).unwrap();
+        let nonces = NonceSequence::new(&Random::system()).unwrap();
         let aad = RecordAad { merchant_id: &merchant, token: &token, key_version: version };
         let sealed = key.seal(&nonces, &aad, &plaintext).unwrap();
         let opened = key.open(&aad, &sealed).unwrap();
@@ -131,7 +131,7 @@ proptest! {
         (other_merchant, other_token, other_version) in record_aad(),
     ) {
         let key = DataKey::new(secret(key)).unwrap();
-        let nonces = NonceSequence::new(&SystemRandom::new()).unwrap();
+        let nonces = NonceSequence::new(&Random::system()).unwrap();
         let aad = RecordAad { merchant_id: &merchant, token: &token, key_version: version };
         let sealed = key.seal(&nonces, &aad, &plaintext).unwrap();
         if other_merchant != merchant {
@@ -157,7 +157,7 @@ proptest! {
         flip in 1u8..=255,
     ) {
         let key = DataKey::new(secret(key)).unwrap();
-        let nonces = NonceSequence::new(&SystemRandom::new()).unwrap();
+        let nonces = NonceSequence::new(&Random::system()).unwrap();
         let aad = RecordAad { merchant_id: "m1", token: "tok_x", key_version: 3 };
         let sealed = key.seal(&nonces, &aad, &plaintext).unwrap();
         let cut = cut.index(sealed.len());
@@ -180,7 +180,7 @@ proptest! {
     ) {
         prop_assume!(token_a != token_b);
         let key = DataKey::new(secret(key)).unwrap();
-        let nonces = NonceSequence::new(&SystemRandom::new()).unwrap();
+        let nonces = NonceSequence::new(&Random::system()).unwrap();
         let aad_a = RecordAad { merchant_id: "m1", token: &token_a, key_version: 1 };
         let aad_b = RecordAad { token: &token_b, ..aad_a };
         let sealed_a = key.seal(&nonces, &aad_a, &first).unwrap();
@@ -192,7 +192,7 @@ proptest! {
     #[test]
     fn format_preserving_tokens_keep_shape_and_fail_luhn(number in card_number(), count in 1usize..8) {
         let pan = Pan::parse(&number).unwrap();
-        let mut random = TokenRandom::for_batch(&SystemRandom::new(), count).unwrap();
+        let mut random = TokenRandom::for_batch(&Random::system(), count).unwrap();
         for _ in 0..count {
             let token = random.next_format_preserving(&pan).unwrap();
             prop_assert_eq!(token.len(), number.len());
@@ -207,7 +207,7 @@ proptest! {
 
     #[test]
     fn opaque_tokens_are_prefix_and_26_base32_chars(count in 1usize..32) {
-        let mut random = TokenRandom::for_batch(&SystemRandom::new(), count).unwrap();
+        let mut random = TokenRandom::for_batch(&Random::system(), count).unwrap();
         for _ in 0..count {
             let token = random.next_opaque().unwrap();
             let body = token.strip_prefix(OPAQUE_PREFIX).unwrap();

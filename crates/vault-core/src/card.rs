@@ -6,7 +6,6 @@
 //! stored and shown.
 
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use zeroize::Zeroizing;
 
@@ -238,15 +237,10 @@ impl Expiry {
     }
 }
 
-/// The current UTC date as `(year, month)`, for [`Expiry::new`].
-pub fn today_utc() -> (u32, u32) {
-    // A clock set before 1970 is broken beyond what expiry checks can help with; treating it
-    // as 1970 accepts any unexpired-looking date rather than refusing every card.
-    let seconds = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs())
-        .unwrap_or(0);
-    year_month_from_days(seconds / 86_400)
+/// The UTC `(year, month)` of a moment given in seconds since 1970-01-01, for [`Expiry::new`].
+/// The core reads no clock: the vault process passes the current time in.
+pub fn year_month_utc(unix_seconds: u64) -> (u32, u32) {
+    year_month_from_days(unix_seconds / 86_400)
 }
 
 /// `(year, month)` of a day counted from 1970-01-01, by Howard Hinnant's `civil_from_days`
@@ -559,8 +553,9 @@ mod tests {
         assert_eq!(year_month_from_days(19_782), (2024, 2));
         assert_eq!(year_month_from_days(20_088), (2024, 12));
         assert_eq!(year_month_from_days(20_089), (2025, 1));
-        let (year, month) = today_utc();
-        assert!((2025..2100).contains(&year) && (1..=12).contains(&month));
+        // 2025-01-01T00:00:00Z, and one second before it.
+        assert_eq!(year_month_utc(1_735_689_600), (2025, 1));
+        assert_eq!(year_month_utc(1_735_689_599), (2024, 12));
     }
 
     fn proto(number: &str, month: u32, year: u32, name: &str) -> tessera_api::vault::Card {

@@ -4,7 +4,7 @@
 //! stale (and the fuzzer starting from nothing but garbage) fails here instead of going unseen.
 //!
 //! After such a change, rewrite the seeds with
-//! `cargo test -p tessera-vault --test fuzz_seeds -- --ignored write_` and commit them.
+//! `cargo test -p tessera-vault-core --test fuzz_seeds -- --ignored write_` and commit them.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -19,11 +19,11 @@ mod fuzz_checks;
 
 use std::path::{Path, PathBuf};
 
-use ring::rand::SystemRandom;
 use tessera_api::vault::{secret_data, BankAccount, Card, Contact, SecretData};
-use tessera_vault::card::ValidCard;
-use tessera_vault::keys::{DataKey, KeyId, KeyPurpose, MasterKey, SecretKey};
-use tessera_vault::record::{seal_card, seal_data, NonceSequence, RecordError};
+use tessera_vault_core::card::ValidCard;
+use tessera_vault_core::crypto::Random;
+use tessera_vault_core::keys::{DataKey, KeyId, KeyPurpose, MasterKey, SecretKey};
+use tessera_vault_core::record::{seal_card, seal_data, NonceSequence, RecordError};
 use zeroize::Zeroizing;
 
 fn seed_dir(target: &str) -> PathBuf {
@@ -138,7 +138,7 @@ fn with_first_byte(bytes: &[u8], first: u8) -> Vec<u8> {
 #[test]
 #[ignore = "writes seed files; run by hand after a blob format change"]
 fn write_unwrap_blob_seeds() {
-    let rng = SystemRandom::new();
+    let rng = Random::system();
     let master = MasterKey::new(SecretKey::from_bytes(Zeroizing::new(fuzz_checks::MASTER_KEY)));
     let id = |merchant: &str, purpose, version| KeyId {
         merchant_id: merchant.into(),
@@ -178,7 +178,7 @@ fn write_unwrap_blob_seeds() {
 #[ignore = "writes seed files; run by hand after a record format change"]
 fn write_open_record_seeds() {
     let key = DataKey::new(SecretKey::from_bytes(Zeroizing::new(fuzz_checks::DATA_KEY))).unwrap();
-    let nonces = NonceSequence::new(&SystemRandom::new()).unwrap();
+    let nonces = NonceSequence::new(&Random::system()).unwrap();
     let aad = &fuzz_checks::AAD;
     let seal =
         |data: secret_data::Data| seal_data(&key, &nonces, aad, &SecretData { data: Some(data) }).unwrap();

@@ -4,27 +4,22 @@
 //! AES-256-GCM, bound by associated data to their merchant, purpose and version. Inside the
 //! vault every key is a [`SecretKey`], which wipes itself on drop and never prints.
 //!
-//! ring does not wipe the expanded key schedules inside `aead::LessSafeKey` and `hmac::Key`
-//! when they drop. That residue is why the vault process locks its memory (nothing is swapped
-//! to disk) and disables core dumps and ptrace: the schedules can then only be read by the
-//! process itself.
+//! The primitives themselves (AES-256-GCM, HMAC-SHA-256, HKDF) are in [`crate::crypto`].
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
-use ring::hmac;
-use ring::rand::SecureRandom;
+use tessera_api::audit_format::hex;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::card::Pan;
+use crate::crypto::{self, AesGcmKey, HmacKey, Random, NONCE_LEN, TAG_LEN};
 
 /// Length of every key the vault holds: AES-256 and HMAC-SHA-256 keys alike.
-pub const KEY_LEN: usize = 32;
+pub const KEY_LEN: usize = crypto::KEY_LEN;
 /// First byte of a wrapped key blob, so the format can change without guessing.
 const WRAP_FORMAT_V1: u8 = 0x01;
-const TAG_LEN: usize = 16;
 /// Length of a wrapped key blob: format byte, nonce, encrypted key, tag.
 pub const WRAPPED_LEN: usize = 1 + NONCE_LEN + KEY_LEN + TAG_LEN;
 const WRAP_LABEL: &[u8] = b"tessera/key-wrap/v1";
@@ -40,7 +35,7 @@ pub struct SecretKey(Box<[u8; KEY_LEN]>);
 
 impl SecretKey {
     /// A fresh key from a cryptographically secure random source.
-    pub fn generate(rng: &dyn SecureRandom) -> Result<SecretKey, KeyError> {
+    pub fn generate(rng: &Random) -> Result<SecretKey, KeyError> {
         let mut key = SecretKey(Box::new([0; KEY_LEN]));
         rng.fill(key.0.as_mut_slice()).map_err(|_| KeyError::Random)?;
         Ok(key)
@@ -62,8 +57,9 @@ impl SecretKey {
         Some(key)
     }
 
-    /// The key bytes, only to hand them to ring or to the wrapping cipher. Private to this
-    /// module, so no other code in the vault, let alone outside it, can copy a key anywhere.
+    /// The key bytes, only to hand them to [`crate::crypto`] or to the wrapping cipher. Private
+    /// to this module, so no other code in the vault, let alone outside it, can copy a key
+    /// anywhere.
     fn expose(&self) -> &[u8; KEY_LEN] {
         &self.0
     }
@@ -148,13 +144,13 @@ impl MasterKey {
     // The AES key schedule is built per call rather than kept: the master key is used only to
     // wrap new keys and on key-cache misses, and building it here keeps `new` infallible
     // without an `expect` on ring's (length-only) key check.
-    fn cipher(&self) -> Result<LessSafeKey, KeyError> {
+    fn cipher(&self) -> Result<AesGcmKey, KeyError> {
         aes_gcm_key(&self.key)
     }
 
     /// Wraps `key` for `id`. The blob is public: only this master key can open it, and only
     /// for the same merchant, purpose and version.
-    pub fn wrap(&self, id: &KeyId, key: &SecretKey, rng: &dyn SecureRandom) -> Result<Vec<u8>, KeyError> {
+    pub fn wrap(&self, id: &KeyId, key: &SecretKey, rng: &Random) -> Result<Vec<u8>, KeyError> {
         self.seal_key(&wrap_aad(id), key, rng)
     }
 
@@ -166,7 +162,7 @@ impl MasterKey {
     /// KEK rotation: wraps `retired` (the master key this one replaces) so that a vault
     /// unsealed with this key can still unwrap merchant keys not yet re-wrapped. The blob is
     /// bound to the retired key's check value.
-    pub fn wrap_retired(&self, retired: &MasterKey, rng: &dyn SecureRandom) -> Result<Vec<u8>, KeyError> {
+    pub fn wrap_retired(&self, retired: &MasterKey, rng: &Random) -> Result<Vec<u8>, KeyError> {
         self.seal_key(&retired_aad(&retired.key_check_value()), &retired.key, rng)
     }
 
@@ -180,7 +176,7 @@ impl MasterKey {
         Ok(retired)
     }
 
-    fn seal_key(&self, aad: &[u8], key: &SecretKey, rng: &dyn SecureRandom) -> Result<Vec<u8>, KeyError> {
+    fn seal_key(&self, aad: &[u8], key: &SecretKey, rng: &Random) -> Result<Vec<u8>, KeyError> {
         // A random 96-bit nonce is safe here: the master key wraps a handful of keys per
         // merchant and version, far below the 2^32 messages where random nonces get risky.
         let mut nonce = [0u8; NONCE_LEN];
@@ -194,9 +190,9 @@ impl MasterKey {
         out.extend_from_slice(key.expose());
         let (_, in_out) = out.split_at_mut_checked(1 + NONCE_LEN).ok_or(KeyError::Crypto)?;
         let tag = cipher
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), in_out)
+            .seal_in_place(nonce, aad, in_out)
             .map_err(|_| KeyError::Crypto)?;
-        out.extend_from_slice(tag.as_ref());
+        out.extend_from_slice(&tag);
         Ok(std::mem::take(&mut *out))
     }
 
@@ -209,20 +205,20 @@ impl MasterKey {
             return Err(KeyError::Malformed);
         }
         let (nonce, sealed) = rest.split_at_checked(NONCE_LEN).ok_or(KeyError::Malformed)?;
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| KeyError::Malformed)?;
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| KeyError::Malformed)?;
         let cipher = self.cipher()?;
         let mut buffer = Zeroizing::new([0u8; KEY_LEN + TAG_LEN]);
         let sealed: &[u8; KEY_LEN + TAG_LEN] = sealed.try_into().map_err(|_| KeyError::Malformed)?;
         buffer.copy_from_slice(sealed);
         let plain = cipher
-            .open_in_place(nonce, Aad::from(aad), buffer.as_mut_slice())
+            .open_in_place(nonce, aad, buffer.as_mut_slice())
             .map_err(|_| KeyError::Unwrap)?;
         SecretKey::from_slice(plain).ok_or(KeyError::Malformed)
     }
 
     /// Generates a fresh key for `id` and returns only its wrapped blob; the clear key is
     /// wiped before this returns.
-    pub fn create_key(&self, id: &KeyId, rng: &dyn SecureRandom) -> Result<Vec<u8>, KeyError> {
+    pub fn create_key(&self, id: &KeyId, rng: &Random) -> Result<Vec<u8>, KeyError> {
         let key = SecretKey::generate(rng)?;
         self.wrap(id, &key, rng)
     }
@@ -231,11 +227,9 @@ impl MasterKey {
     /// HMAC-SHA-256 under the master key of a fixed label. Operators compare it across vaults
     /// and against the value recorded at key ceremony; it reveals nothing usable about the key.
     pub fn key_check_value(&self) -> String {
-        let mac = hmac::sign(
-            &hmac::Key::new(hmac::HMAC_SHA256, self.key.expose()),
-            CHECK_VALUE_LABEL,
-        );
-        hex(mac.as_ref().iter().take(8))
+        let mac = HmacKey::new(self.key.expose()).sign(CHECK_VALUE_LABEL);
+        // The first 8 of the 32 tag bytes.
+        hex(mac.split_at(8).0)
     }
 }
 
@@ -245,26 +239,12 @@ impl MasterKey {
     /// comes back with the master key and is gone when the master key is. Secret in, secret
     /// out; different labels give independent keys.
     pub(crate) fn derive_secret(&self, label: &[u8]) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
-        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, DERIVE_SALT).extract(self.key.expose());
-        let info = [label];
-        let okm = prk.expand(&info, DerivedLen).map_err(|_| KeyError::Crypto)?;
-        let mut out = Zeroizing::new([0u8; KEY_LEN]);
-        okm.fill(out.as_mut_slice()).map_err(|_| KeyError::Crypto)?;
-        Ok(out)
+        crypto::hkdf_sha256(DERIVE_SALT, self.key.expose(), label).map_err(|_| KeyError::Crypto)
     }
 }
 
 /// The salt of every key derived from the master key.
 const DERIVE_SALT: &[u8] = b"tessera/master-key-derive/v1";
-
-/// HKDF output length of a derived key.
-struct DerivedLen;
-
-impl ring::hkdf::KeyType for DerivedLen {
-    fn len(&self) -> usize {
-        KEY_LEN
-    }
-}
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -285,27 +265,15 @@ fn wrap_aad(id: &KeyId) -> Vec<u8> {
     ])
 }
 
-fn aes_gcm_key(key: &SecretKey) -> Result<LessSafeKey, KeyError> {
-    let unbound = UnboundKey::new(&AES_256_GCM, key.expose()).map_err(|_| KeyError::Crypto)?;
-    Ok(LessSafeKey::new(unbound))
-}
-
-fn hex<'a>(bytes: impl Iterator<Item = &'a u8>) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::new();
-    for byte in bytes {
-        for nibble in [byte >> 4, byte & 0x0f] {
-            out.extend(DIGITS.get(usize::from(nibble)).map(|&digit| char::from(digit)));
-        }
-    }
-    out
+fn aes_gcm_key(key: &SecretKey) -> Result<AesGcmKey, KeyError> {
+    AesGcmKey::new(key.expose()).map_err(|_| KeyError::Crypto)
 }
 
 /// A merchant's AES-256-GCM key for token records (see `record.rs` for sealing).
 pub struct DataKey {
-    pub(crate) cipher: LessSafeKey,
+    pub(crate) cipher: AesGcmKey,
     // Held so the raw key is wiped when this key is dropped; ring's expanded schedule in
-    // `cipher` is not (see the module comment).
+    // `cipher` is not (see `crate::crypto`).
     _secret: SecretKey,
 }
 
@@ -327,9 +295,9 @@ impl fmt::Debug for DataKey {
 
 /// A merchant's HMAC-SHA-256 key for card fingerprints.
 pub struct FingerprintKey {
-    mac: hmac::Key,
-    // Held so the raw key is wiped on drop; ring's `hmac::Key` keeps precomputed pad states
-    // that it does not wipe (see the module comment).
+    mac: HmacKey,
+    // Held so the raw key is wiped on drop; ring's HMAC key keeps precomputed pad states that
+    // it does not wipe (see `crate::crypto`).
     _secret: SecretKey,
 }
 
@@ -337,7 +305,7 @@ impl FingerprintKey {
     /// Prepares a fingerprint key.
     pub fn new(key: SecretKey) -> FingerprintKey {
         FingerprintKey {
-            mac: hmac::Key::new(hmac::HMAC_SHA256, key.expose()),
+            mac: HmacKey::new(key.expose()),
             _secret: key,
         }
     }
@@ -352,12 +320,7 @@ impl FingerprintKey {
     /// HMAC-SHA-256 of already normalised, type-prefixed non-card data (see
     /// [`crate::payload`]); the prefix keeps an e-mail address from ever colliding with a PAN.
     pub(crate) fn fingerprint_bytes(&self, normalised: &[u8]) -> [u8; 32] {
-        let tag = hmac::sign(&self.mac, normalised);
-        let mut out = [0u8; 32];
-        for (out, byte) in out.iter_mut().zip(tag.as_ref()) {
-            *out = *byte;
-        }
-        out
+        self.mac.sign(normalised)
     }
 }
 
@@ -561,9 +524,6 @@ impl fmt::Display for KeyError {
 
 impl std::error::Error for KeyError {}
 
-// Guards against a ring upgrade changing the sizes the blob format is built on.
-const _: () = assert!(aead::MAX_TAG_LEN == TAG_LEN && NONCE_LEN == 12);
-
 #[cfg(test)]
 mod tests {
     #![allow(
@@ -574,7 +534,6 @@ mod tests {
     )]
 
     use super::*;
-    use ring::rand::SystemRandom;
 
     fn id(merchant: &str, purpose: KeyPurpose, version: u32) -> KeyId {
         KeyId {
@@ -590,7 +549,7 @@ mod tests {
 
     #[test]
     fn wrap_unwrap_round_trip() {
-        let rng = SystemRandom::new();
+        let rng = Random::system();
         let master = master();
         let key = SecretKey::generate(&rng).unwrap();
         let data = id("m1", KeyPurpose::Data, 1);
@@ -603,7 +562,7 @@ mod tests {
 
     #[test]
     fn a_retired_master_key_opens_only_under_its_successor_and_check_value() {
-        let rng = SystemRandom::new();
+        let rng = Random::system();
         let retired = master();
         let successor = MasterKey::new(SecretKey::generate(&rng).unwrap());
         let kcv = retired.key_check_value();
@@ -625,7 +584,7 @@ mod tests {
 
     #[test]
     fn blob_is_bound_to_merchant_purpose_version_and_master() {
-        let rng = SystemRandom::new();
+        let rng = Random::system();
         let master = master();
         let data = id("m1", KeyPurpose::Data, 1);
         let blob = master.create_key(&data, &rng).unwrap();
@@ -646,7 +605,7 @@ mod tests {
 
     #[test]
     fn malformed_blobs_are_refused_without_panicking() {
-        let rng = SystemRandom::new();
+        let rng = Random::system();
         let master = master();
         let data = id("m1", KeyPurpose::Data, 1);
         let blob = master.create_key(&data, &rng).unwrap();
@@ -687,7 +646,7 @@ mod tests {
 
     #[test]
     fn cache_hits_need_same_id_and_blob() {
-        let rng = SystemRandom::new();
+        let rng = Random::system();
         let master = master();
         let cache = KeyCache::new(4);
         let data = id("m1", KeyPurpose::Data, 1);
@@ -714,7 +673,7 @@ mod tests {
 
     #[test]
     fn cache_checks_purpose() {
-        let rng = SystemRandom::new();
+        let rng = Random::system();
         let master = master();
         let cache = KeyCache::new(4);
         let fp = id("m1", KeyPurpose::Fingerprint, 1);
@@ -741,7 +700,7 @@ mod tests {
 
     #[test]
     fn cache_evicts_least_recently_used() {
-        let rng = SystemRandom::new();
+        let rng = Random::system();
         let master = master();
         let cache = KeyCache::new(2);
         let ids: Vec<KeyId> = (1..=3).map(|v| id("m1", KeyPurpose::Data, v)).collect();

@@ -1,5 +1,5 @@
 //! What each fuzz target checks. The libFuzzer targets in `fuzz_targets/` call these functions,
-//! and `crates/vault/tests/fuzz_seeds.rs` includes this file by path to replay the committed
+//! and `crates/vault-core/tests/fuzz_seeds.rs` includes this file by path to replay the committed
 //! seeds through the very same checks on every `cargo test`, without libFuzzer.
 //!
 //! Each function must return normally for any input: a panic (including a failed `assert!`) is
@@ -8,10 +8,10 @@
 #![forbid(unsafe_code)]
 
 use tessera_api::vault::secret_data;
-use tessera_vault::card::{luhn_valid, Pan};
-use tessera_vault::keys::{DataKey, KeyId, KeyPurpose, MasterKey, SecretKey};
-use tessera_vault::record::{open_card, open_data, RecordAad, RecordError};
-use tessera_vault::token::{is_format_preserving_token, is_opaque_token};
+use tessera_vault_core::card::{luhn_valid, Pan};
+use tessera_vault_core::keys::{DataKey, KeyId, KeyPurpose, MasterKey, SecretKey};
+use tessera_vault_core::record::{open_card, open_data, RecordAad, RecordError};
+use tessera_vault_core::token::{is_format_preserving_token, is_opaque_token};
 use zeroize::Zeroizing;
 
 /// The fixed master key the committed `unwrap_blob` seeds were wrapped under.

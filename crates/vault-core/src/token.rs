@@ -7,10 +7,10 @@
 
 use std::fmt;
 
-use ring::rand::SecureRandom;
 use zeroize::Zeroizing;
 
 use crate::card::{luhn_valid_bytes, Pan};
+use crate::crypto::Random;
 
 /// Prefix of every opaque token, so a token is recognisable in logs and never mistaken for
 /// other identifiers.
@@ -46,7 +46,7 @@ pub struct TokenRandom {
 
 impl TokenRandom {
     /// Draws enough randomness for `tokens` tokens of either kind.
-    pub fn for_batch(rng: &dyn SecureRandom, tokens: usize) -> Result<TokenRandom, TokenError> {
+    pub fn for_batch(rng: &Random, tokens: usize) -> Result<TokenRandom, TokenError> {
         if tokens > MAX_BATCH_TOKENS {
             return Err(TokenError::BatchTooLarge);
         }
@@ -238,7 +238,7 @@ mod tests {
 
     use super::*;
     use crate::card::luhn_valid;
-    use ring::rand::SystemRandom;
+    use crate::crypto::Random;
 
     /// Randomness for one token that repeats `pattern`, to steer draws in tests (ring's
     /// `SecureRandom` is sealed, so a fake source cannot be written).
@@ -272,7 +272,7 @@ mod tests {
 
     #[test]
     fn opaque_tokens() {
-        let mut random = TokenRandom::for_batch(&SystemRandom::new(), 3).unwrap();
+        let mut random = TokenRandom::for_batch(&Random::system(), 3).unwrap();
         let a = random.next_opaque().unwrap();
         let b = random.next_opaque().unwrap();
         assert_ne!(a, b);
@@ -292,13 +292,13 @@ mod tests {
 
     #[test]
     fn batch_draws_are_bounded() {
-        let mut random = TokenRandom::for_batch(&SystemRandom::new(), 1).unwrap();
+        let mut random = TokenRandom::for_batch(&Random::system(), 1).unwrap();
         random.next_opaque().unwrap();
         assert_eq!(random.next_opaque().unwrap_err(), TokenError::Exhausted);
-        let mut empty = TokenRandom::for_batch(&SystemRandom::new(), 0).unwrap();
+        let mut empty = TokenRandom::for_batch(&Random::system(), 0).unwrap();
         assert_eq!(empty.next_opaque().unwrap_err(), TokenError::Exhausted);
         assert_eq!(
-            TokenRandom::for_batch(&SystemRandom::new(), MAX_BATCH_TOKENS + 1).unwrap_err(),
+            TokenRandom::for_batch(&Random::system(), MAX_BATCH_TOKENS + 1).unwrap_err(),
             TokenError::BatchTooLarge
         );
         assert_eq!(TokenError::BatchTooLarge.reason(), "BATCH_TOO_LARGE");
@@ -306,7 +306,7 @@ mod tests {
 
     #[test]
     fn format_preserving_tokens() {
-        let rng = SystemRandom::new();
+        let rng = Random::system();
         for number in [
             "4111111111111111",
             "378282246310005",
