@@ -101,7 +101,6 @@ async fn data_key_versions(stack: &Stack) -> Vec<i64> {
 }
 
 async fn rotating_twice_under_load_reencrypts_everything_and_destroys_old_versions(backend: Backend) {
-    let started = Instant::now();
     let stack = Stack::start_with(options(backend));
     let channel = gateway_channel(&stack, "dev-client").await;
     let mut admin = KeyAdminClient::new(gateway_channel(&stack, "operator").await);
@@ -234,11 +233,6 @@ async fn rotating_twice_under_load_reencrypts_everything_and_destroys_old_versio
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("current data key version  3"), "{text}");
     assert!(text.contains("records to re-encrypt     0"), "{text}");
-    assert!(
-        started.elapsed() < Duration::from_secs(90),
-        "took {:?}",
-        started.elapsed()
-    );
 }
 
 /// Writes a development key file holding a fresh random key.
