@@ -414,18 +414,20 @@ async fn vault_serves_only_its_allow_list() {
 }
 
 /// Runs the vault binary on `config` and returns (exit success, stderr).
-fn run_vault(dir: &std::path::Path, config: &str) -> (bool, String) {
-    let path = dir.join("vault.toml");
+/// Runs a server binary on `config` (written to `dir`) until it exits: whether it exited 0,
+/// and what it printed on stderr.
+fn run_server(binary: &std::path::Path, dir: &std::path::Path, config: &str) -> (bool, String) {
+    let path = dir.join("server.toml");
     fs::write(&path, config).unwrap();
-    let output = Command::new(binaries().vault)
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = Command::new(binary).arg("--config").arg(&path).output().unwrap();
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+fn run_vault(dir: &std::path::Path, config: &str) -> (bool, String) {
+    run_server(&binaries().vault, dir, config)
 }
 
 #[test]
@@ -490,17 +492,7 @@ fn vault_refuses_to_start_without_tls_client_auth_or_in_debug_production() {
 }
 
 fn run_gateway(dir: &std::path::Path, config: &str) -> (bool, String) {
-    let path = dir.join("gateway.toml");
-    fs::write(&path, config).unwrap();
-    let output = Command::new(binaries().gateway)
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    run_server(&binaries().gateway, dir, config)
 }
 
 #[test]

@@ -18,7 +18,7 @@ use tower::{Layer, Service};
 use crate::error::ApiError;
 
 /// The one streaming method whose messages may be larger than [`MAX_REQUEST_BYTES`].
-const IMPORT_PATH: &str = "/tessera.v1.Tokenization/ImportTokens";
+pub(crate) const IMPORT_PATH: &str = "/tessera.v1.Tokenization/ImportTokens";
 
 /// The size limit of one message of the method at `path`.
 pub fn message_limit(path: &str) -> usize {

@@ -43,17 +43,7 @@ async fn insert(store: &Store, index: usize, with: Option<&MerchantReference>) -
 
 /// Rows a query counts, read through a connection of its own.
 async fn rows(database: &str, sql: &str) -> i64 {
-    sqlx::any::install_default_drivers();
-    let url = if database.starts_with("postgres") {
-        database.to_owned()
-    } else {
-        format!("sqlite://{database}")
-    };
-    let pool = sqlx::any::AnyPoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
-        .await
-        .unwrap();
+    let pool = support::raw_pool(database).await;
     let count = sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap();
     pool.close().await;
     count

@@ -55,16 +55,7 @@ async fn write_journal(pool: &sqlx::AnyPool, token: &str, kind: &str) {
 
 async fn unknown_stored_values_are_errors(database: &str) {
     let store = Store::open(database).await.unwrap();
-    let url = if database.starts_with("postgres") {
-        database.to_owned()
-    } else {
-        format!("sqlite://{database}")
-    };
-    let pool = sqlx::any::AnyPoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
-        .await
-        .unwrap();
+    let pool = support::raw_pool(database).await;
 
     // Every known text reads back as itself.
     let known = [

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tessera_api::limits::{MAX_IMPORT_ITEMS, MAX_IMPORT_MESSAGE_BYTES};
+use tessera_api::limits::MAX_IMPORT_ITEMS;
 use tessera_api::v1::{
     import_result, ImportError, ImportItem, ImportProgress, ImportRequest, ImportResponse, ImportResult,
     TokenizeRequest,
@@ -20,7 +20,7 @@ use tessera_api::vault::WrappedKey;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Status, Streaming};
+use tonic::{Status, Streaming};
 use zeroize::Zeroizing;
 
 use super::tokenize::Prepared;
@@ -28,7 +28,7 @@ use crate::error::ApiError;
 use crate::mapping::token_message;
 use crate::state::Gateway;
 use crate::storage::store_error;
-use crate::transport_errors::{explain, too_large};
+use crate::transport_errors::{explain, IMPORT_PATH};
 
 /// Items protected and stored together.
 const CHUNK_ITEMS: usize = 512;
@@ -73,12 +73,9 @@ fn too_many_items(items: usize) -> ApiError {
 }
 
 /// Why the inbound stream failed, for the caller: tonic's decoder refuses a message over the
-/// size limit or one that is not an `ImportRequest`.
+/// size limit or one that is not an `ImportRequest` (explained like every transport refusal).
 fn inbound_failure(status: &Status) -> ApiError {
-    if status.code() == Code::OutOfRange {
-        return too_large(MAX_IMPORT_MESSAGE_BYTES);
-    }
-    explain(status, "/tessera.v1.Tokenization/ImportTokens").unwrap_or_else(|| {
+    explain(status, IMPORT_PATH).unwrap_or_else(|| {
         ApiError::new(
             status.code(),
             "IMPORT_STREAM_FAILED",
@@ -343,6 +340,7 @@ fn set(results: &mut [ImportResult], index: usize, result: ImportResult) {
 #[cfg(test)]
 mod tests {
     use prost::Message;
+    use tessera_api::limits::MAX_IMPORT_MESSAGE_BYTES;
     use tessera_api::v1::{tokenize_request, BankAccount, Card, TokenFormat, TokenKind};
 
     use super::*;

@@ -123,3 +123,19 @@ impl PostgresDatabase {
         connection.close().await.unwrap();
     }
 }
+
+/// A one-connection pool on `database` (an SQLite path or a `postgres://` URL) that bypasses
+/// the store, for reading or planting rows directly.
+pub async fn raw_pool(database: &str) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    let url = if database.starts_with("postgres") {
+        database.to_owned()
+    } else {
+        format!("sqlite://{database}")
+    };
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap()
+}
